@@ -1,0 +1,129 @@
+"""Gradient combiners (METHOD.md section 4): sum, dependent (Algorithm 1), cagrad (Algorithm 2)."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .cagrad import cagrad_direction
+from .components import Combined, Combiner
+from .guidance import Evaluation, GuidanceStep
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine per sample between two batched tensors."""
+    a, b = a.detach().flatten(1), b.detach().flatten(1)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
+
+
+def conditional_gradients(step: GuidanceStep, ev: Evaluation, first: int, seconds: list[int],
+                          hessian: bool, level: str) -> list[torch.Tensor]:
+    """g_{j|i} for one first condition i and several second conditions j (Algorithm 1, steps 2-4).
+
+    x_hat = Phi_t(x_t, s(x_t) + g_i, z) is built once and shared by every j; each g_{j|i} is the
+    vector-Jacobian product of that map with stopgrad(g_tilde_j), so no Jacobian or Hessian is
+    ever formed.  Without ``hessian`` g_i enters as a constant, dropping the H_i term.
+    """
+    g_first = ev.grads[first] if hessian else ev.grads[first].detach()
+    x_hat = step.phi(ev.x, ev.score + g_first)
+    tilde = step.evaluate(x_hat.detach(), level, seconds)
+    return vector_jacobian_products(x_hat, ev.x, [g.detach() for g in tilde.grads])
+
+
+def vector_jacobian_products(output: torch.Tensor, inputs: torch.Tensor,
+                             cotangents: list[torch.Tensor]) -> list[torch.Tensor]:
+    """v^T d(output)/d(inputs) for each v; one batched backward when autograd can vmap it."""
+    if len(cotangents) > 1:
+        try:
+            (vjps,) = torch.autograd.grad(output, inputs, grad_outputs=torch.stack(cotangents),
+                                          retain_graph=True, is_grads_batched=True)
+            return list(vjps.unbind(0))
+        except RuntimeError:  # some kernels have no batching rule: one backward per cotangent
+            pass
+    return [torch.autograd.grad(output, inputs, grad_outputs=v, retain_graph=True)[0] for v in cotangents]
+
+
+class SumOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SumCombiner(Combiner):
+    """G = sum_i g_i: the conditions are treated as independent given x_t (FreeDoM, UGD)."""
+
+    Options = SumOptions
+
+    def combine(self, step):
+        ev = step.base()
+        return Combined(torch.stack([g.detach() for g in ev.grads]).sum(0))
+
+
+class DependentOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hessian: bool = Field(True, description="keep the H_1 g_tilde term (False: g_1 detached in x_hat)")
+    level: Literal["t_next", "t"] = Field(
+        "t_next", description="level at which the second condition is evaluated on x_hat")
+
+
+class DependentCombiner(Combiner):
+    """Algorithm 1: G = g_1 + g_{2|1}, the second condition seen through the first one's step.
+
+    The default evaluates g_tilde at level t', where x_hat actually lives after the step.
+    """
+
+    Options = DependentOptions
+    min_conditions = 2
+    max_conditions = 2
+
+    def __init__(self, hessian: bool = True, level: str = "t_next"):
+        self.hessian, self.level = hessian, level
+
+    def combine(self, step):
+        if len(step.conditions) < 2:  # the other condition is outside its window
+            return SumCombiner().combine(step)
+        ev = step.base(create_graph=self.hessian)
+        (g21,) = conditional_gradients(step, ev, 0, [1], self.hessian, self.level)
+        g1 = ev.grads[0].detach()
+        return Combined(g1 + g21, {"cos(g1,g2|1)": cosine(g1, g21)})
+
+
+class CAGradOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    c: float = Field(0.5, ge=0.0, lt=1.0, description="radius of the conflict-averse ball, c in [0, 1)")
+    rescale: Literal["none", "1/(1+c^2)", "1/(1+c)"] = "none"
+    hessian: bool = True
+    level: Literal["t_next", "t"] = "t_next"
+
+
+class CAGradCombiner(Combiner):
+    """Algorithm 2: the conflict-averse direction over all ordered pair gradients g_ij = g_i + g_{j|i}."""
+
+    Options = CAGradOptions
+    min_conditions = 2
+
+    def __init__(self, c: float = 0.5, rescale: str = "none", hessian: bool = True, level: str = "t_next"):
+        self.c, self.rescale, self.hessian, self.level = c, rescale, hessian, level
+
+    def pair_gradients(self, step) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """All ordered pairs (i, j) and their gradients, shape (m, B, ...)."""
+        n = len(step.conditions)
+        ev = step.base(create_graph=self.hessian)
+        pairs, grads = [], []
+        for i in range(n):
+            others = [j for j in range(n) if j != i]
+            for j, g_ji in zip(others, conditional_gradients(step, ev, i, others, self.hessian, self.level)):
+                pairs.append((i, j))
+                grads.append(ev.grads[i].detach() + g_ji)
+        return pairs, torch.stack(grads)
+
+    def combine(self, step):
+        if len(step.conditions) < 2:
+            return SumCombiner().combine(step)
+        pairs, grads = self.pair_gradients(step)
+        batch = grads.shape[1]
+        out, weights = torch.empty_like(grads[0]), []
+        for b in range(batch):  # every sample is its own problem
+            d, w = cagrad_direction(grads[:, b].flatten(1), self.c, self.rescale)
+            out[b] = d.view_as(out[b])
+            weights.append(w.tolist())
+        return Combined(out, {"pairs": pairs, "weights": weights})

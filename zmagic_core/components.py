@@ -1,0 +1,96 @@
+"""The interfaces every component implements: base models, energies, solvers and combiners.
+
+Plugins subclass these (or follow them by duck typing); the pipeline only talks to them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BuildContext:
+    """What a factory may need: where to put tensors, and the base model once it exists."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    model: Optional["DiffusionModel"] = None
+    seed: int = 0
+
+
+class DiffusionModel(nn.Module):
+    """An epsilon-prediction network eps(x_t, t) on a discrete VP schedule.
+
+    Subclasses set ``alphas_cumprod`` (a float64 buffer of length T) and ``sample_shape``
+    (the shape of one x_t), implement :meth:`eps`, and, for latent models, :meth:`decode`
+    and :meth:`encode`.  Energies always see ``decode(x0)``: images in [-1, 1], float32.
+    """
+
+    sample_shape: tuple[int, ...] = ()
+    alphas_cumprod: torch.Tensor
+
+    def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def model_conditions(self) -> list["Condition"]:
+        """Conditions the model itself provides (a text prompt), placed before the recipe's."""
+        return []
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+
+class Energy(nn.Module):
+    """E(images) >= 0, one value per sample; images are (B, 3, H, W) in [-1, 1].
+
+    Must be differentiable in the images.  Problems with references (missing file, no face)
+    are raised by the factory, before sampling starts.
+    """
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Solver:
+    """A reverse step as a map x_t' = Phi_t(x_t, score, z), differentiable in x_t and score."""
+
+    corrector_steps: int = 0
+
+    def step(self, x: torch.Tensor, score: torch.Tensor, z: torch.Tensor,
+             abar_t: float, abar_next: float) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def correct(self, x: torch.Tensor, score: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """One corrector move at the new level (predictor-corrector solvers only)."""
+        return x
+
+
+@dataclass
+class Combined:
+    """A combiner's answer for one step: the guidance G (added to the score) and diagnostics."""
+
+    guidance: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Combiner:
+    """Turns the per-condition guidance into one G for the step (see guidance.GuidanceStep)."""
+
+    min_conditions: int = 1
+    max_conditions: Optional[int] = None
+
+    def combine(self, step: "GuidanceStep") -> Combined:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+from .guidance import Condition, GuidanceStep  # noqa: E402  (type names used above)
