@@ -8,13 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..components import BuildContext, Energy
 from ..errors import ConfigError, InputError
+from ..images import load_image
 from .world import ATTRIBUTES, BACKGROUND, COLORS, POSITIONS, SHAPES, ShapesModel, render
 
 Reference = Union[str, dict[str, str]]
@@ -24,22 +24,6 @@ def _world(context: BuildContext) -> ShapesModel:
     if not isinstance(context.model, ShapesModel):
         raise ConfigError("shapes-* energies need the 'shapes' base model")
     return context.model
-
-
-def load_image(path: Union[str, Path], size: int) -> torch.Tensor:
-    """An RGB image file as a (3, size, size) tensor in [-1, 1]; clear errors for bad files."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"reference image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.float32)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"cannot read reference image {path}: {exc}") from None
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 
 def reference_image(spec: Reference, size: int) -> torch.Tensor:
@@ -153,7 +137,7 @@ class KeypointOptions(BaseModel):
     reference: Optional[Reference] = Field(None, description="image whose mask centroid is the target")
     points: Optional[list[list[float]]] = Field(None, description="target [[x, y]] in [0, 1] coordinates")
     softness: float = Field(0.3, gt=0)
-    temperature: float = Field(0.02, gt=0)
+    temperature: float = Field(0.05, gt=0)
 
 
 class KeypointEnergy(ShapesEnergy):
@@ -162,7 +146,7 @@ class KeypointEnergy(ShapesEnergy):
     Options = KeypointOptions
 
     def __init__(self, world: ShapesModel, reference: Optional[Reference] = None,
-                 points: Optional[list[list[float]]] = None, softness: float = 0.3, temperature: float = 0.02):
+                 points: Optional[list[list[float]]] = None, softness: float = 0.3, temperature: float = 0.05):
         super().__init__()
         if (reference is None) == (points is None):
             raise ConfigError("shapes-keypoints needs exactly one of 'reference' or 'points'")
@@ -184,7 +168,7 @@ class StyleOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reference: Reference
     features: Literal["color", "random-conv"] = "color"
-    temperature: float = Field(0.02, gt=0)
+    temperature: float = Field(0.1, gt=0)
 
 
 class StyleEnergy(ShapesEnergy):
@@ -192,7 +176,7 @@ class StyleEnergy(ShapesEnergy):
 
     Options = StyleOptions
 
-    def __init__(self, world: ShapesModel, reference: Reference, features: str = "color", temperature: float = 0.02):
+    def __init__(self, world: ShapesModel, reference: Reference, features: str = "color", temperature: float = 0.1):
         super().__init__()
         self.temperature = temperature
         self.conv: Optional[nn.Conv2d] = None

@@ -13,6 +13,8 @@ SATISFIED_RATIO = 0.5  # a prototype satisfies a condition when p(c|k) >= half t
 
 def condition_log_likelihoods(world: ShapesModel, energies) -> torch.Tensor:
     """(n, K): log p(c_i | k) for every condition and prototype."""
+    if not energies:
+        return torch.zeros(0, len(world.prototypes), device=world.mu.device)
     return torch.stack([e.log_likelihood(world).to(world.mu) for e in energies])
 
 
@@ -45,8 +47,7 @@ def evaluate_samples(world: ShapesModel, x0: torch.Tensor, energies, names: list
         })
 
     n_samples = len(samples)
-    target = torch.softmax(target_log_weights(world, energies), 0) if energies else torch.full(
-        (len(world.prototypes),), 1.0 / len(world.prototypes))
+    target = torch.softmax(target_log_weights(world, energies), 0)
     hits = nearest[joint_ok[nearest]]
     counts = torch.bincount(hits, minlength=len(world.prototypes)).double()
     support = joint_ok.nonzero().squeeze(1)
