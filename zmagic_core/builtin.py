@@ -35,6 +35,10 @@ shapes_model.Options = ShapesOptions
 @hookimpl
 def register_models(register):
     register("shapes", shapes_model)
+    from .models import MODEL_FACTORIES
+
+    for name, factory in MODEL_FACTORIES.items():
+        register(name, factory)
 
 
 @hookimpl
