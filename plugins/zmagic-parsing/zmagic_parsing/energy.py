@@ -1,0 +1,199 @@
+"""The ``parsing`` energy: distance between the face parsing of the image and of a reference.
+
+E(x) = || P(x) - P(ref) ||_2  (FreeDoM; P = per-pixel class logits or softmax probabilities),
+or the mean squared difference (the Z-Magic paper's "MSE").  Images (B, 3, H, W) in [-1, 1] are
+resized (differentiably) to ``input_size``, mapped to [0, 1] and ImageNet-normalised, the
+preprocessing of the face-parsing demo.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from zmagic_core.components import BuildContext, Energy
+from zmagic_core.errors import ConfigError, InputError, WeightsNotFoundError
+from zmagic_core.images import load_image
+
+from .bisenet import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, load_bisenet
+
+BISENET_FILE = "79999_iter.pth"
+BISENET_URL = "https://drive.google.com/open?id=154JgKpzCPW82qINcVieuPH3fZ2e0P812"
+BISENET_REPO = "https://github.com/zllrunning/face-parsing.PyTorch"
+SEGFORMER_DEFAULT = "jonathandinu/face-parsing"
+CHECKPOINT_ENV = "ZMAGIC_PARSING_CHECKPOINT"
+WEIGHTS_DIR_ENV = "ZMAGIC_WEIGHTS_DIR"
+
+
+class ParsingOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reference: str = Field(..., description="image file whose face parsing the samples should match")
+    backend: Literal["bisenet", "segformer"] = Field(
+        "bisenet", description="bisenet: zllrunning 79999_iter.pth; segformer: a transformers SegFormer")
+    checkpoint: Optional[str] = Field(
+        None, description="bisenet: path to 79999_iter.pth (.pth or .safetensors); segformer: a Hugging Face "
+                          f"model id or a save_pretrained folder (default {SEGFORMER_DEFAULT!r})")
+    input_size: int = Field(512, ge=16, le=4096, description="side the image is resized to before parsing")
+    distance: Literal["logits", "probabilities"] = Field(
+        "logits", description="compare raw logits (FreeDoM) or per-pixel softmax probabilities")
+    reduction: Literal["l2", "mse"] = Field(
+        "l2", description="l2: plain L2 norm of the difference (FreeDoM); mse: mean squared difference")
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Differentiable bilinear resize to (size, size); antialiased when shrinking."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    shrink = images.shape[-2] > size or images.shape[-1] > size
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+
+
+class ParsingEnergy(Energy):
+    """E = distance(parse(x), parse(reference)) per sample; the parser is frozen.
+
+    ``parser`` maps ImageNet-normalised (B, 3, S, S) images to (B, C, h, w) logits;
+    ``reference`` is a (3, H, W) or (1, 3, H, W) image in [-1, 1].
+    """
+
+    def __init__(self, parser: nn.Module, reference: torch.Tensor, input_size: int = 512,
+                 distance: str = "logits", reduction: str = "l2"):
+        super().__init__()
+        if distance not in ("logits", "probabilities"):
+            raise ConfigError(f"parsing distance must be 'logits' or 'probabilities', got {distance!r}")
+        if reduction not in ("l2", "mse"):
+            raise ConfigError(f"parsing reduction must be 'l2' or 'mse', got {reduction!r}")
+        self.parser = parser.eval().requires_grad_(False)
+        self.input_size, self.distance, self.reduction = int(input_size), distance, reduction
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        if reference.dim() == 3:
+            reference = reference.unsqueeze(0)
+        if reference.dim() != 4 or reference.shape[:2] != (1, 3):
+            raise InputError(f"parsing reference must be one RGB image, got shape {tuple(reference.shape)}")
+        with torch.no_grad():
+            target = self.parse(reference.to(self.mean))
+        self.register_buffer("target", target)
+
+    def parse(self, images: torch.Tensor) -> torch.Tensor:
+        """Parsing output (logits or probabilities) of images in [-1, 1]."""
+        x = resize(images.to(self.mean.dtype), self.input_size)
+        x = ((x + 1) / 2 - self.mean) / self.std
+        out = self.parser(x)
+        return out.softmax(dim=1) if self.distance == "probabilities" else out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        diff = (self.parse(images) - self.target).flatten(1)
+        if self.reduction == "mse":
+            return diff.pow(2).mean(dim=1)
+        return diff.norm(dim=1)
+
+
+class BiSeNetParser(nn.Module):
+    """The BiSeNet main output (logits at the input resolution)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.logits(x)
+
+
+class SegformerParser(nn.Module):
+    """A transformers SegFormer; logits at a quarter of the input resolution."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+def bisenet_search_paths() -> list[Path]:
+    """Where the BiSeNet checkpoint is looked for when no ``checkpoint`` option is given."""
+    paths = []
+    if os.environ.get(CHECKPOINT_ENV):
+        paths.append(Path(os.environ[CHECKPOINT_ENV]).expanduser())
+    dirs = []
+    if os.environ.get(WEIGHTS_DIR_ENV):
+        dirs.append(Path(os.environ[WEIGHTS_DIR_ENV]).expanduser())
+    dirs += [Path("weights"), Path.home() / ".cache" / "zmagic" / "weights"]
+    for d in dirs:
+        paths += [d / BISENET_FILE, d / "face-parsing" / BISENET_FILE, d / "79999_iter.safetensors"]
+    return paths
+
+
+def _weights_help() -> str:
+    return (f"download {BISENET_FILE} (BiSeNet face parsing, {BISENET_REPO}) from {BISENET_URL} "
+            f"and pass it as the 'checkpoint' option, set {CHECKPOINT_ENV}, or put it in "
+            f"${WEIGHTS_DIR_ENV} or ~/.cache/zmagic/weights/")
+
+
+def build_bisenet_parser(checkpoint: Optional[str]) -> nn.Module:
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise WeightsNotFoundError(f"BiSeNet checkpoint not found: {path}; {_weights_help()}")
+    else:
+        tried = bisenet_search_paths()
+        path = next((p for p in tried if p.is_file()), None)
+        if path is None:
+            looked = ", ".join(str(p) for p in tried)
+            raise WeightsNotFoundError(f"BiSeNet checkpoint {BISENET_FILE} not found (looked in: {looked}); "
+                                       f"{_weights_help()}")
+    try:
+        net = load_bisenet(path, NUM_CLASSES)
+    except RuntimeError as exc:
+        if "state_dict" in str(exc) or "size mismatch" in str(exc) or "Missing key" in str(exc):
+            first = str(exc).strip().splitlines()[0:3]
+            raise InputError(f"{path} is not a BiSeNet face-parsing checkpoint in the {BISENET_FILE} format: "
+                             f"{' '.join(s.strip() for s in first)}") from None
+        raise InputError(f"cannot read BiSeNet checkpoint {path}: {exc}") from None
+    except Exception as exc:  # pickle errors, truncated files, unsafe pickles, wrong container
+        raise InputError(f"cannot read BiSeNet checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    return BiSeNetParser(net)
+
+
+def build_segformer_parser(checkpoint: Optional[str]) -> nn.Module:
+    try:
+        from transformers import SegformerForSemanticSegmentation
+    except ImportError:
+        raise ConfigError("the segformer backend needs transformers: pip install 'zmagic-parsing[segformer]'") from None
+    name = checkpoint or SEGFORMER_DEFAULT
+    local = Path(name).expanduser()
+    if local.exists() and not local.is_dir():
+        raise InputError(f"SegFormer checkpoint must be a model id or a save_pretrained folder, not a file: {local}")
+    try:
+        model = SegformerForSemanticSegmentation.from_pretrained(str(local) if local.is_dir() else name)
+    except (OSError, ValueError) as exc:
+        where = "the folder" if local.is_dir() else "the Hugging Face cache or hub (HF_HOME, HF_HUB_OFFLINE)"
+        raise WeightsNotFoundError(
+            f"cannot load SegFormer face parser {name!r} from {where}: {str(exc).splitlines()[0] if str(exc) else exc}; "
+            f"download it with `huggingface-cli download {SEGFORMER_DEFAULT}` (or save_pretrained a folder) "
+            f"and pass the id or folder as 'checkpoint'") from None
+    return SegformerParser(model.eval())
+
+
+def build_parsing(context: BuildContext, **options: Any) -> ParsingEnergy:
+    """Face parsing distance to a reference image (BiSeNet 79999_iter.pth or SegFormer)."""
+    try:
+        opts = ParsingOptions(**options)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"parsing options: {problems} (accepts: {', '.join(ParsingOptions.model_fields)})") from None
+    reference = load_image(opts.reference)  # InputError if missing or unreadable
+    if opts.backend == "bisenet":
+        parser = build_bisenet_parser(opts.checkpoint)
+    else:
+        parser = build_segformer_parser(opts.checkpoint)
+    energy = ParsingEnergy(parser, reference, opts.input_size, opts.distance, opts.reduction)
+    return energy.to(device=context.device)
+
+
+build_parsing.Options = ParsingOptions
