@@ -1,0 +1,186 @@
+import pickle
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zmagic_core.components import BuildContext
+from zmagic_core.errors import ConfigError, InputError, WeightsNotFoundError
+from zmagic_clip import ClipTextEnergy, ClipTextOptions, build_clip_text
+from zmagic_clip.loading import OPENAI_MEAN, OPENAI_STD
+
+TINY_NAME = "zmagic-clip-tiny-test"  # as in conftest.py
+
+
+def build(tiny, **options):
+    config, pt, _, _ = tiny
+    options.setdefault("prompt", "a photo of a red circle")
+    options.setdefault("checkpoint", str(pt))
+    return build_clip_text(BuildContext(), model_config=str(config), **options)
+
+
+def images(n=3, size=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def reference_energy(model, x, prompt, distance):
+    """The energy recomputed from the original (never saved) model, step by step."""
+    import open_clip
+
+    x = F.interpolate((x + 1) / 2, size=(64, 64), mode="bicubic", align_corners=False)
+    x = (x - torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        img = model.encode_image(x)
+        txt = model.encode_text(open_clip.get_tokenizer(TINY_NAME)([prompt]))
+    if distance == "cosine":
+        return 1 - F.cosine_similarity(img, txt.expand_as(img), dim=1)
+    return (txt - img).norm(dim=1)
+
+
+def test_registry_finds_clip_text():
+    from zmagic_core.registry import Registry
+
+    reg = Registry().get("energy", "clip-text")
+    assert reg.factory is build_clip_text
+    assert reg.factory.Options is ClipTextOptions
+
+
+def test_options_are_checked_before_loading():
+    with pytest.raises(Exception):
+        ClipTextOptions.model_validate({})  # prompt is required
+    with pytest.raises(Exception):
+        ClipTextOptions.model_validate({"prompt": "x", "promt": "y"})
+    with pytest.raises(Exception):
+        ClipTextOptions.model_validate({"prompt": "x", "distance": "l1"})
+    opts = ClipTextOptions.model_validate({"prompt": "x", "model_config": "/a.json"})
+    assert opts.model_config_path == "/a.json"
+    # a dump by field name validates again (a recipe layer may pass validated options back)
+    ClipTextOptions.model_validate(opts.model_dump())
+    with pytest.raises(ConfigError):
+        build_clip_text(BuildContext(), prompt="x", distance="l1")
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+@pytest.mark.parametrize("distance", ["cosine", "l2"])
+def test_round_trip_matches_the_original_model(tiny, fmt, distance):
+    config, pt, st, model = tiny
+    energy = build(tiny, checkpoint=str(pt if fmt == "pt" else st), distance=distance)
+    x = images()
+    with torch.no_grad():
+        e = energy(x)
+    assert e.shape == (3,) and (e >= 0).all()
+    torch.testing.assert_close(e, reference_energy(model, x, "a photo of a red circle", distance),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_are_finite_and_twice_differentiable(tiny):
+    energy = build(tiny)
+    x = images(2, size=37).requires_grad_(True)  # odd, non-model size: resized inside
+    (g,) = torch.autograd.grad(energy(x).sum(), x, create_graph=True)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    (h,) = torch.autograd.grad(g.pow(2).sum(), x)  # the Hessian term of the dependent combiner
+    assert torch.isfinite(h).all()
+    assert not any(p.requires_grad for p in energy.parameters())
+
+
+def test_prompt_matters_and_descent_lowers_the_energy(tiny):
+    e1, e2 = build(tiny, prompt="a red circle"), build(tiny, prompt="a blue square at the top")
+    x = images(1, size=64)
+    with torch.no_grad():
+        assert not torch.allclose(e1(x), e2(x))
+    # an image optimised for the prompt matches it better than where it started
+    x = x.clone().requires_grad_(True)
+    start = float(e1(x).detach())
+    for _ in range(20):
+        (g,) = torch.autograd.grad(e1(x).sum(), x)
+        x = (x - 2.0 * g / g.norm()).detach().requires_grad_(True)
+    assert float(e1(x)) < start - 0.01
+
+
+def test_missing_checkpoint(tiny, tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="not found.*nope.pt"):
+        build(tiny, checkpoint=str(tmp_path / "nope.pt"))
+
+
+def test_unreadable_checkpoint(tiny, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="cannot read checkpoint"):
+        build(tiny, checkpoint=str(bad))
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(b"\x00" * 20)
+    with pytest.raises(InputError, match="cannot read checkpoint"):
+        build(tiny, checkpoint=str(bad_st))
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_pickled_code_is_refused(tiny, tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"w": Payload()}, f)
+    with pytest.raises(InputError):
+        build(tiny, checkpoint=str(path))
+
+
+def test_checkpoint_of_another_model_is_a_config_error(tiny, tmp_path):
+    _, pt, _, _ = tiny
+    state = torch.load(pt, weights_only=True)
+    state["visual.conv1.weight"] = state["visual.conv1.weight"][:32]
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="does not fit"):
+        build(tiny, checkpoint=str(tmp_path / "other.pt"))
+
+
+def test_missing_pretrained_weights_fail_fast_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(WeightsNotFoundError) as info:
+        build_clip_text(BuildContext(), prompt="x", cache_dir=str(tmp_path))  # ViT-B-16 / openai
+    msg = str(info.value)
+    assert time.monotonic() - start < 10
+    assert "ViT-B-16" in msg and "openai" in msg and str(tmp_path) in msg
+    assert "hf download timm/vit_base_patch16_clip_224.openai" in msg and "checkpoint:" in msg
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(WeightsNotFoundError, match="download: false"):
+        build_clip_text(BuildContext(), prompt="x", cache_dir=str(tmp_path), download=False)
+
+
+def test_bad_model_names_and_configs(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="no pretrained tag"):
+        build_clip_text(BuildContext(), prompt="x", pretrained="no-such-tag", download=False)
+    with pytest.raises(ConfigError, match="unknown open_clip model"):
+        build_clip_text(BuildContext(), prompt="x", model="ViT-Q-99", download=False)
+    with pytest.raises(InputError, match="model_config not found"):
+        build_clip_text(BuildContext(), prompt="x", model_config=str(tmp_path / "none.json"))
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        build_clip_text(BuildContext(), prompt="x", model_config=str(tmp_path / "broken.json"))
+    with pytest.raises(ConfigError, match="registers the model"):
+        build(tiny, model="ViT-B-16")
+
+
+def test_guided_run_lowers_the_energy(tiny):
+    from zmagic_core.combiners import SumCombiner
+    from zmagic_core.guidance import Condition
+    from zmagic_core.pipeline import Pipeline
+    from zmagic_core.shapes import ShapesModel
+    from zmagic_core.solvers import DDPMSolver
+
+    energy = build(tiny)
+    world = ShapesModel(size=32)
+    seeds = [0, 1, 2, 3]
+    guided = Pipeline(world, DDPMSolver(), SumCombiner(),
+                      [Condition("text", energy, rule="adaptive", scale=0.5)], steps=25)
+    plain = Pipeline(world, DDPMSolver(), SumCombiner(), [], steps=25)
+    g = guided.run(seeds=seeds, batch_size=4, progress=False)
+    p = plain.run(seeds=seeds, batch_size=4, progress=False)
+    assert not g.errors
+    with torch.no_grad():
+        eg, ep = energy(g.images), energy(p.images)
+    assert eg.mean() < ep.mean(), (eg, ep)
