@@ -170,7 +170,9 @@ def build_segformer_parser(checkpoint: Optional[str]) -> nn.Module:
     if local.exists() and not local.is_dir():
         raise InputError(f"SegFormer checkpoint must be a model id or a save_pretrained folder, not a file: {local}")
     try:
-        model = SegformerForSemanticSegmentation.from_pretrained(str(local) if local.is_dir() else name)
+        # Eager attention: SDPA kernels on the CPU have no double backward, which guidance may need.
+        model = SegformerForSemanticSegmentation.from_pretrained(str(local) if local.is_dir() else name,
+                                                                 attn_implementation="eager")
     except (OSError, ValueError) as exc:
         where = "the folder" if local.is_dir() else "the Hugging Face cache or hub (HF_HOME, HF_HUB_OFFLINE)"
         raise WeightsNotFoundError(

@@ -1,0 +1,73 @@
+"""The SegFormer backend with a tiny model saved by save_pretrained and loaded offline."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from zmagic_core.components import BuildContext  # noqa: E402
+from zmagic_core.errors import WeightsNotFoundError, InputError  # noqa: E402
+from zmagic_core.images import load_image  # noqa: E402
+from zmagic_parsing.energy import ParsingEnergy, build_parsing  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_segformer(tmp_path_factory):
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    torch.manual_seed(0)
+    config = SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+                             patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
+                             decoder_hidden_size=16, num_labels=19)
+    model = SegformerForSemanticSegmentation(config).eval()
+    folder = tmp_path_factory.mktemp("segformer")
+    model.save_pretrained(folder)
+    return folder, model
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No network: the variable, and the constant huggingface_hub read from it when first imported."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def build(folder, reference, **options):
+    return build_parsing(BuildContext(), reference=str(reference), backend="segformer",
+                         checkpoint=str(folder), input_size=64, **options)
+
+
+def test_round_trip_matches_the_saved_model(tiny_segformer, images):
+    folder, model = tiny_segformer
+    energy = build(folder, images[0])
+    assert isinstance(energy, ParsingEnergy)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(energy.parser(x), model(pixel_values=x).logits, rtol=1e-4, atol=1e-6)
+    assert energy.target.shape == (1, 19, 16, 16)
+
+
+def test_energy_zero_at_reference_and_differentiable(tiny_segformer, images):
+    energy = build(tiny_segformer[0], images[0], distance="probabilities")
+    ref, other = (load_image(p) for p in images)
+    assert energy(ref.unsqueeze(0)).item() <= 1e-6
+    x = other.unsqueeze(0).requires_grad_(True)
+    e = energy(x)
+    assert e.item() > 0
+    (grad,) = torch.autograd.grad(e.sum(), x, create_graph=True)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0
+    (second,) = torch.autograd.grad(grad.pow(2).sum(), x)  # double backward (eager attention)
+    assert torch.isfinite(second).all()
+
+
+def test_unknown_model_offline_is_weights_not_found(images, tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="no-such/face-parser"):
+        build("no-such/face-parser", images[0])
+    with pytest.raises(WeightsNotFoundError, match="folder"):
+        build(tmp_path, images[0])  # an empty folder: no config.json
+
+
+def test_a_file_is_not_a_segformer_checkpoint(images, checkpoint):
+    with pytest.raises(InputError, match="save_pretrained folder"):
+        build(checkpoint, images[0])
