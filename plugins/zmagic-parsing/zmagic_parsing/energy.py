@@ -123,7 +123,7 @@ def bisenet_search_paths() -> list[Path]:
     dirs = []
     if os.environ.get(WEIGHTS_DIR_ENV):
         dirs.append(Path(os.environ[WEIGHTS_DIR_ENV]).expanduser())
-    dirs += [Path("weights"), Path.home() / ".cache" / "zmagic" / "weights"]
+    dirs += [Path.cwd() / "weights", Path.home() / ".cache" / "zmagic" / "weights"]
     for d in dirs:
         paths += [d / BISENET_FILE, d / "face-parsing" / BISENET_FILE, d / "79999_iter.safetensors"]
     return paths
@@ -177,7 +177,7 @@ def build_segformer_parser(checkpoint: Optional[str]) -> nn.Module:
         where = "the folder" if local.is_dir() else "the Hugging Face cache or hub (HF_HOME, HF_HUB_OFFLINE)"
         raise WeightsNotFoundError(
             f"cannot load SegFormer face parser {name!r} from {where}: {str(exc).splitlines()[0] if str(exc) else exc}; "
-            f"download it with `huggingface-cli download {SEGFORMER_DEFAULT}` (or save_pretrained a folder) "
+            f"download it with `hf download {SEGFORMER_DEFAULT}` (or save_pretrained a folder) "
             f"and pass the id or folder as 'checkpoint'") from None
     return SegformerParser(model.eval())
 
@@ -189,7 +189,10 @@ def build_parsing(context: BuildContext, **options: Any) -> ParsingEnergy:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"parsing options: {problems} (accepts: {', '.join(ParsingOptions.model_fields)})") from None
-    reference = load_image(opts.reference)  # InputError if missing or unreadable
+    try:
+        reference = load_image(opts.reference)
+    except InputError as exc:
+        raise InputError(f"parsing reference: {exc}") from None
     if opts.backend == "bisenet":
         parser = build_bisenet_parser(opts.checkpoint)
     else:
