@@ -7,7 +7,7 @@ from zmagic_core.images import load_image
 from zmagic_faceid.energy import build_faceid
 from zmagic_faceid.faces import crop_resize
 
-from conftest import randomise_batchnorm
+from faceid_testutils import randomise_batchnorm
 
 CTX = BuildContext()
 

@@ -8,7 +8,7 @@ from zmagic_core.errors import InputError, WeightsNotFoundError
 from zmagic_faceid.energy import FaceIDOptions, build_backbone, build_faceid
 from zmagic_faceid.irse import IRSEBackbone, ir_se50
 
-from conftest import TINY_UNITS, TINY_WIDTHS
+from faceid_testutils import TINY_UNITS, TINY_WIDTHS
 
 CTX = BuildContext()
 

@@ -1,0 +1,97 @@
+"""Face boxes on the reference (MTCNN, real weights shipped with facenet-pytorch) and a
+differentiable crop that applies such a box to a batch of generated images.
+
+(A copy of zmagic_faceid.faces, kept here so the two plugins install independently.)
+
+Boxes are kept in normalised image coordinates ``(x0, y0, x1, y1)`` in [0, 1] (fractions of the
+width and height), so a box found on a 256 px reference applies to a 64 px or 512 px clean estimate.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from zmagic_core.errors import InputError
+
+Box = tuple[float, float, float, float]
+
+
+@functools.lru_cache(maxsize=1)
+def _mtcnn():
+    from facenet_pytorch import MTCNN
+
+    # The P/R/O-net weights ship inside facenet-pytorch; they are plain state dicts
+    # (torch.load defaults to weights_only=True on the torch versions this plugin supports).
+    return MTCNN(keep_all=True, select_largest=True, device="cpu").eval()
+
+
+def detect_face(image: torch.Tensor, source: str = "the reference") -> tuple[Box, np.ndarray, float]:
+    """The largest face of a (3, H, W) image in [-1, 1]: normalised box, 5 points (pixels), probability.
+
+    Raises InputError naming ``source`` when MTCNN finds no face.
+    """
+    h, w = image.shape[-2:]
+    hwc = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).contiguous()
+    with torch.no_grad():
+        boxes, probs, points = _mtcnn().detect(hwc, landmarks=True)
+    if boxes is None or len(boxes) == 0:
+        raise InputError(f"no face found in {source} (MTCNN); give an image with a clearly visible face, "
+                         "or set an explicit 'box'")
+    x0, y0, x1, y1 = (float(v) for v in boxes[0])
+    return (x0 / w, y0 / h, x1 / w, y1 / h), np.asarray(points[0], dtype=np.float64), float(probs[0])
+
+
+def square_box(box: Box, aspect: float = 1.0, scale: float = 1.0, shift_y: float = 0.0) -> Box:
+    """A square (in pixels, given width/height ``aspect``) around ``box``'s centre.
+
+    Side = ``scale`` * the box's longer side; the centre moves down by ``shift_y`` box heights.
+    """
+    x0, y0, x1, y1 = box
+    bw, bh = (x1 - x0) * aspect, y1 - y0  # in units of the image height
+    side = scale * max(bw, bh)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 + shift_y * (y1 - y0)
+    return (cx - side / aspect / 2, cy - side / 2, cx + side / aspect / 2, cy + side / 2)
+
+
+def check_box(box: Sequence[float], name: str = "box") -> Box:
+    if len(box) != 4:
+        raise InputError(f"{name} must be [x0, y0, x1, y1] in [0, 1] image fractions, got {list(box)}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x1 > x0 and y1 > y0):
+        raise InputError(f"{name} {list(box)} is empty: need x1 > x0 and y1 > y0")
+    return (x0, y0, x1, y1)
+
+
+def crop_resize(images: torch.Tensor, box: Box, size: int, fill: float = -1.0) -> torch.Tensor:
+    """Differentiable crop of ``box`` (normalised) from (B, C, H, W) images, resampled to size x size.
+
+    Bilinear sampling; when the box covers many more pixels than ``size`` the image is first
+    downscaled with antialiasing, so large images do not alias.  Outside the image: ``fill``
+    (-1 = black in [-1, 1] images, as face-alignment pads).
+    """
+    b, c, h, w = images.shape
+    x0, y0, x1, y1 = box
+    span = max((x1 - x0) * w, (y1 - y0) * h)
+    if span > 1.5 * size:
+        factor = size / span
+        nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
+        images = F.interpolate(images, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    # affine_grid maps output [-1, 1] to input [-1, 1] (align_corners=False: pixel edges)
+    sx, sy = (x1 - x0), (y1 - y0)
+    tx, ty = (x0 + x1) - 1.0, (y0 + y1) - 1.0
+    theta = torch.tensor([[sx, 0.0, tx], [0.0, sy, ty]], dtype=images.dtype, device=images.device)
+    grid = F.affine_grid(theta.expand(b, 2, 3), [b, c, size, size], align_corners=False)
+    out = F.grid_sample(images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out + fill
+
+
+def to_pixels(box: Box, width: int, height: int) -> tuple[float, float, float, float]:
+    return (box[0] * width, box[1] * height, box[2] * width, box[3] * height)
+
+
+def to_fractions(box: Sequence[float], width: int, height: int) -> Box:
+    return (box[0] / width, box[1] / height, box[2] / width, box[3] / height)
