@@ -14,6 +14,7 @@ def _plain(cls):
         return cls(**options)
 
     build.Options = cls.Options
+    build.component = cls
     build.__doc__ = cls.__doc__
     return build
 

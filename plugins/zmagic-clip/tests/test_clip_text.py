@@ -183,4 +183,5 @@ def test_guided_run_lowers_the_energy(tiny):
     assert not g.errors
     with torch.no_grad():
         eg, ep = energy(g.images), energy(p.images)
-    assert eg.mean() < ep.mean(), (eg, ep)
+    # measured: guided ~0.74 vs plain ~1.0 per sample (scale 0.5); every sample must improve
+    assert (eg < ep).all() and eg.mean() < ep.mean() - 0.05, (eg, ep)

@@ -23,10 +23,16 @@ def random_bisenet(seed: int = 0) -> BiSeNet:
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    """Path to a random-weight model saved exactly as the public checkpoint is: torch.save(state_dict)."""
+def net():
+    """One random-weight BiSeNet for the session (building one takes a noticeable fraction of a second)."""
+    return random_bisenet(0)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, net):
+    """Path to ``net`` saved exactly as the public checkpoint is: torch.save(state_dict)."""
     path = tmp_path_factory.mktemp("weights") / "79999_iter.pth"
-    torch.save(random_bisenet().state_dict(), path)
+    torch.save(net.state_dict(), path)
     return path
 
 

@@ -1,0 +1,39 @@
+"""Forward + backward (w.r.t. the input) time of the face-ID backbones at their real input size,
+random weights, on the CPU: ``python scripts/time_backbones.py [batch] [repeats]``."""
+import os
+import sys
+import time
+
+import torch
+
+from zmagic_faceid.irse import ir_se50
+
+
+def timed(net, size, batch, repeats):
+    x = torch.rand(batch, 3, size, size) * 2 - 1
+    times = []
+    for i in range(repeats + 1):  # the first call warms up (allocations, oneDNN kernels)
+        xi = x.clone().requires_grad_(True)
+        start = time.perf_counter()
+        net(xi).sum().backward()
+        if i:
+            times.append(time.perf_counter() - start)
+    return min(times), sorted(times)[len(times) // 2]
+
+
+def main():
+    from facenet_pytorch import InceptionResnetV1
+
+    batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    for name, net, size in [("ArcFace IR-SE50", ir_se50(), 112),
+                            ("facenet InceptionResnetV1", InceptionResnetV1(pretrained=None), 160)]:
+        net = net.eval().requires_grad_(False)
+        best, median = timed(net, size, batch, repeats)
+        print(f"{name} at {size} px, batch {batch}: forward+backward best {best * 1e3:.0f} ms, "
+              f"median {median * 1e3:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
