@@ -11,7 +11,7 @@ SIZE = 64  # parsing resolution in tests (512 in real use)
 
 
 def make(checkpoint, reference, **options):
-    return build_parsing(BuildContext(), reference=str(reference), checkpoint=str(checkpoint),
+    return build_parsing(BuildContext(), reference=str(reference), weights=str(checkpoint),
                          input_size=SIZE, **options)
 
 
@@ -104,7 +104,7 @@ def test_missing_checkpoint_names_file_and_source(images, tmp_path):
 
 
 def test_default_search_reports_where_it_looked(images, tmp_path, monkeypatch):
-    monkeypatch.delenv("ZMAGIC_PARSING_CHECKPOINT", raising=False)
+    monkeypatch.delenv("ZMAGIC_PARSING_WEIGHTS", raising=False)
     monkeypatch.setenv("ZMAGIC_WEIGHTS_DIR", str(tmp_path / "weights"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
@@ -117,14 +117,14 @@ def test_default_search_reports_where_it_looked(images, tmp_path, monkeypatch):
 
 
 def test_default_search_finds_checkpoint_in_weights_dir(images, checkpoint, tmp_path, monkeypatch):
-    monkeypatch.delenv("ZMAGIC_PARSING_CHECKPOINT", raising=False)
+    monkeypatch.delenv("ZMAGIC_PARSING_WEIGHTS", raising=False)
     monkeypatch.setenv("ZMAGIC_WEIGHTS_DIR", str(checkpoint.parent))
     e = build_parsing(BuildContext(), reference=str(images[0]), input_size=SIZE)
     assert e(load_image(images[0]).unsqueeze(0)).item() == 0.0
 
 
 def test_checkpoint_from_environment(images, checkpoint, monkeypatch):
-    monkeypatch.setenv("ZMAGIC_PARSING_CHECKPOINT", str(checkpoint))
+    monkeypatch.setenv("ZMAGIC_PARSING_WEIGHTS", str(checkpoint))
     monkeypatch.setenv("ZMAGIC_WEIGHTS_DIR", "/nonexistent")
     e = build_parsing(BuildContext(), reference=str(images[0]), input_size=SIZE)
     assert isinstance(e, ParsingEnergy)

@@ -20,7 +20,7 @@ def test_registry_discovers_the_energy(checkpoint, images):
     info = next(p for p in registry.plugins() if p.name == "parsing")
     assert info.errors == [] and info.registers == {"energy": ["parsing"]}
     assert reg.factory.Options.model_validate({"reference": "x.png"}).input_size == 512
-    energy = reg.factory(BuildContext(), reference=str(images[0]), checkpoint=str(checkpoint), input_size=32)
+    energy = reg.factory(BuildContext(), reference=str(images[0]), weights=str(checkpoint), input_size=32)
     assert energy(torch.zeros(2, 3, 32, 32)).shape == (2,)
 
 
@@ -37,7 +37,7 @@ def test_guided_run_lowers_the_energy(checkpoint, tmp_path):
     world = ShapesModel(size=32)
     ref = tmp_path / "ref.png"
     save_image(render("triangle", "green", "right", 32), ref)
-    energy = build_parsing(BuildContext(model=world), reference=str(ref), checkpoint=str(checkpoint), input_size=32)
+    energy = build_parsing(BuildContext(model=world), reference=str(ref), weights=str(checkpoint), input_size=32)
     seeds = [0, 1, 2, 3]
     guided = Pipeline(world, DDPMSolver(), SumCombiner(), [Condition("parsing", energy, rule="adaptive", scale=0.5)],
                       steps=25).run(seeds=seeds, batch_size=4, progress=False)

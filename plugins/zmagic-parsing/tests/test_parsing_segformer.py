@@ -34,8 +34,8 @@ def offline(monkeypatch):
 
 
 def build(folder, reference, **options):
-    return build_parsing(BuildContext(), reference=str(reference), backend="segformer",
-                         checkpoint=str(folder), input_size=64, **options)
+    return build_parsing(BuildContext(), reference=str(reference), backbone="segformer",
+                         weights=str(folder), input_size=64, **options)
 
 
 def test_round_trip_matches_the_saved_model(tiny_segformer, images):

@@ -26,16 +26,16 @@ BISENET_FILE = "79999_iter.pth"
 BISENET_URL = "https://drive.google.com/open?id=154JgKpzCPW82qINcVieuPH3fZ2e0P812"
 BISENET_REPO = "https://github.com/zllrunning/face-parsing.PyTorch"
 SEGFORMER_DEFAULT = "jonathandinu/face-parsing"
-CHECKPOINT_ENV = "ZMAGIC_PARSING_CHECKPOINT"
+WEIGHTS_ENV = "ZMAGIC_PARSING_WEIGHTS"
 WEIGHTS_DIR_ENV = "ZMAGIC_WEIGHTS_DIR"
 
 
 class ParsingOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reference: str = Field(..., description="image file whose face parsing the samples should match")
-    backend: Literal["bisenet", "segformer"] = Field(
+    backbone: Literal["bisenet", "segformer"] = Field(
         "bisenet", description="bisenet: zllrunning 79999_iter.pth; segformer: a transformers SegFormer")
-    checkpoint: Optional[str] = Field(
+    weights: Optional[str] = Field(
         None, description="bisenet: path to 79999_iter.pth (.pth or .safetensors); segformer: a Hugging Face "
                           f"model id or a save_pretrained folder (default {SEGFORMER_DEFAULT!r})")
     input_size: int = Field(512, ge=16, le=4096, description="side the image is resized to before parsing")
@@ -116,14 +116,14 @@ class SegformerParser(nn.Module):
 
 
 def bisenet_search_paths() -> list[Path]:
-    """Where the BiSeNet checkpoint is looked for when no ``checkpoint`` option is given."""
+    """Where the BiSeNet checkpoint is looked for when no ``weights`` option is given."""
     paths = []
-    if os.environ.get(CHECKPOINT_ENV):
-        paths.append(Path(os.environ[CHECKPOINT_ENV]).expanduser())
+    if os.environ.get(WEIGHTS_ENV):
+        paths.append(Path(os.environ[WEIGHTS_ENV]).expanduser())
     dirs = []
     if os.environ.get(WEIGHTS_DIR_ENV):
         dirs.append(Path(os.environ[WEIGHTS_DIR_ENV]).expanduser())
-    dirs += [Path.cwd() / "weights", Path.home() / ".cache" / "zmagic" / "weights"]
+    dirs.append(Path.home() / ".cache" / "zmagic" / "weights")
     for d in dirs:
         paths += [d / BISENET_FILE, d / "face-parsing" / BISENET_FILE, d / "79999_iter.safetensors"]
     return paths
@@ -131,13 +131,13 @@ def bisenet_search_paths() -> list[Path]:
 
 def _weights_help() -> str:
     return (f"download {BISENET_FILE} (BiSeNet face parsing, {BISENET_REPO}) from {BISENET_URL} "
-            f"and pass it as the 'checkpoint' option, set {CHECKPOINT_ENV}, or put it in "
+            f"and pass it as the 'weights' option, set {WEIGHTS_ENV}, or put it in "
             f"${WEIGHTS_DIR_ENV} or ~/.cache/zmagic/weights/")
 
 
-def build_bisenet_parser(checkpoint: Optional[str]) -> nn.Module:
-    if checkpoint is not None:
-        path = Path(checkpoint).expanduser()
+def build_bisenet_parser(weights: Optional[str]) -> nn.Module:
+    if weights is not None:
+        path = Path(weights).expanduser()
         if not path.is_file():
             raise WeightsNotFoundError(f"BiSeNet checkpoint not found: {path}; {_weights_help()}")
     else:
@@ -160,12 +160,12 @@ def build_bisenet_parser(checkpoint: Optional[str]) -> nn.Module:
     return BiSeNetParser(net)
 
 
-def build_segformer_parser(checkpoint: Optional[str]) -> nn.Module:
+def build_segformer_parser(weights: Optional[str]) -> nn.Module:
     try:
         from transformers import SegformerForSemanticSegmentation
     except ImportError:
         raise ConfigError("the segformer backend needs transformers: pip install 'zmagic-parsing[segformer]'") from None
-    name = checkpoint or SEGFORMER_DEFAULT
+    name = weights or SEGFORMER_DEFAULT
     local = Path(name).expanduser()
     if local.exists() and not local.is_dir():
         raise InputError(f"SegFormer checkpoint must be a model id or a save_pretrained folder, not a file: {local}")
@@ -178,7 +178,7 @@ def build_segformer_parser(checkpoint: Optional[str]) -> nn.Module:
         raise WeightsNotFoundError(
             f"cannot load SegFormer face parser {name!r} from {where}: {str(exc).splitlines()[0] if str(exc) else exc}; "
             f"download it with `hf download {SEGFORMER_DEFAULT}` (or save_pretrained a folder) "
-            f"and pass the id or folder as 'checkpoint'") from None
+            f"and pass the id or folder as 'weights'") from None
     return SegformerParser(model.eval())
 
 
@@ -193,10 +193,10 @@ def build_parsing(context: BuildContext, **options: Any) -> ParsingEnergy:
         reference = load_image(opts.reference)
     except InputError as exc:
         raise InputError(f"parsing reference: {exc}") from None
-    if opts.backend == "bisenet":
-        parser = build_bisenet_parser(opts.checkpoint)
+    if opts.backbone == "bisenet":
+        parser = build_bisenet_parser(opts.weights)
     else:
-        parser = build_segformer_parser(opts.checkpoint)
+        parser = build_segformer_parser(opts.weights)
     energy = ParsingEnergy(parser, reference, opts.input_size, opts.distance, opts.reduction)
     return energy.to(device=context.device)
 
