@@ -169,3 +169,19 @@ def test_broken_local_folder_is_a_weights_error(tmp_path):
     (tmp_path / "unet" / "config.json").write_text("{}")
     with pytest.raises(WeightsNotFoundError, match="UNet2DModel"):
         build("diffusers-pixel", id=str(tmp_path))
+
+
+def test_recipes_count_the_prompt_as_a_condition(sd_dir):
+    from zmagic_core.recipe import load_recipe
+
+    reg = Registry(load_entry_points=False)
+    recipe = {"model": {"kind": "stable-diffusion", "path": str(sd_dir), "prompt": "a cat", "height": SD_SIZE,
+                        "width": SD_SIZE},
+              "combiner": {"kind": "dependent", "hessian": True},
+              "conditions": [{"kind": "shapes-style", "reference": "red circle center"}]}
+    load_recipe(recipe, registry=reg)  # prompt + one energy = the two conditions Algorithm 1 takes
+    del recipe["model"]["prompt"]
+    with pytest.raises(ConfigError, match="conditions"):
+        load_recipe(recipe, registry=reg)
+    with pytest.raises(ConfigError, match="decode_size"):
+        load_recipe({"model": {"kind": "stable-diffusion", "decode_size": 100}}, registry=reg)

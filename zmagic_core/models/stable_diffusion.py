@@ -226,3 +226,11 @@ def build_stable_diffusion(context: BuildContext, **options) -> StableDiffusionM
 
 
 build_stable_diffusion.Options = StableDiffusionOptions
+
+
+def _extra_conditions(options: dict) -> int:
+    """How many conditions the model adds before the recipe's (recipe.check_recipe counts them)."""
+    return 1 if options.get("prompt") is not None else 0
+
+
+build_stable_diffusion.extra_conditions = _extra_conditions
