@@ -185,3 +185,18 @@ def test_recipes_count_the_prompt_as_a_condition(sd_dir):
         load_recipe(recipe, registry=reg)
     with pytest.raises(ConfigError, match="decode_size"):
         load_recipe({"model": {"kind": "stable-diffusion", "decode_size": 100}}, registry=reg)
+
+
+@pytest.mark.parametrize("name", ["celebahq_text_segmentation_id", "celebahq_text_segmentation",
+                                  "celebahq_id_landmark", "sd_text_style", "sd_text_style_low_memory"])
+def test_example_recipes_parse(name):
+    from pathlib import Path
+
+    from zmagic_core.recipe import load_recipe
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "models" / f"{name}.yaml"
+    recipe = load_recipe(path, check=False)
+    MODEL_FACTORIES[recipe.model.kind].Options(**recipe.model.options)  # options valid for the kind
+    reg = Registry(load_entry_points=False)
+    combiner = reg.get("combiner", recipe.combiner.kind).factory
+    combiner.Options(**recipe.combiner.options)
