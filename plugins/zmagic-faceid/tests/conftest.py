@@ -9,7 +9,27 @@ from PIL import Image
 
 from zmagic_faceid.irse import IRSEBackbone
 
-from faceid_testutils import TINY_UNITS, TINY_WIDTHS, randomise_batchnorm
+TINY_UNITS = [1, 1, 1, 1]
+TINY_WIDTHS = [16, 16, 32, 32]
+
+
+def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics, so a checkpoint round trip is tested on every tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
+            m.running_var.copy_(1 + 0.1 * torch.rand(m.running_var.shape, generator=gen))
+
+
+@pytest.fixture(scope="session")
+def tiny_arch() -> dict:
+    return {"units": TINY_UNITS, "widths": TINY_WIDTHS}
+
+
+@pytest.fixture(scope="session")
+def randomised():
+    return randomise_batchnorm
 
 
 @pytest.fixture(scope="session")

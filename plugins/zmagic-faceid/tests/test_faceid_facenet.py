@@ -7,8 +7,6 @@ from zmagic_core.images import load_image
 from zmagic_faceid.energy import build_faceid
 from zmagic_faceid.faces import crop_resize
 
-from faceid_testutils import randomise_batchnorm
-
 CTX = BuildContext()
 
 
@@ -25,12 +23,12 @@ def calibrate_last_batchnorm(net, images):
     net.last_bn.running_var.copy_(f.var(0) + 1e-3)
 
 
-def test_facenet_checkpoint_with_classifier_head_loads_and_gives_an_energy(tmp_path, astronaut_png, other_png):
+def test_facenet_checkpoint_with_classifier_head_loads_and_gives_an_energy(tmp_path, astronaut_png, other_png, randomised):
     from facenet_pytorch import InceptionResnetV1
 
     torch.manual_seed(1)
     net = InceptionResnetV1(pretrained=None).eval()
-    randomise_batchnorm(net)
+    randomised(net)
     images = torch.stack([load_image(astronaut_png, 256), load_image(other_png, 256)])
     calibrate_last_batchnorm(net, torch.cat([crop_resize(images, (0.3, 0.05, 0.6, 0.4), 160),
                                              torch.rand(2, 3, 160, 160) * 2 - 1]))

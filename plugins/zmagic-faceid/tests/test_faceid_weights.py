@@ -8,8 +8,6 @@ from zmagic_core.errors import InputError, WeightsNotFoundError
 from zmagic_faceid.energy import FaceIDOptions, build_backbone, build_faceid
 from zmagic_faceid.irse import IRSEBackbone, ir_se50
 
-from faceid_testutils import TINY_UNITS, TINY_WIDTHS
-
 CTX = BuildContext()
 
 
@@ -47,39 +45,39 @@ def test_full_ir_se50_checkpoint_with_public_key_names_round_trips_strictly(tmp_
     assert emb.shape == (1, 512) and torch.allclose(emb.norm(dim=1), torch.ones(1), atol=1e-5)
 
 
-def test_tiny_checkpoint_loads_back_identically(tiny_arcface, astronaut_png):
+def test_tiny_checkpoint_loads_back_identically(tiny_arcface, tiny_arch, astronaut_png):
     path, model = tiny_arcface
     loaded = build_backbone(FaceIDOptions(reference=str(astronaut_png), weights=str(path),
-                                          units=TINY_UNITS, widths=TINY_WIDTHS))
+                                          **tiny_arch))
     x = torch.rand(2, 3, 112, 112) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
 
 
-def test_safetensors_and_dataparallel_prefix(tmp_path, tiny_arcface, astronaut_png):
+def test_safetensors_and_dataparallel_prefix(tmp_path, tiny_arcface, tiny_arch, astronaut_png):
     from safetensors.torch import save_file
 
     _, model = tiny_arcface
     path = tmp_path / "arcface.safetensors"
     save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(path))
     loaded = build_backbone(FaceIDOptions(reference=str(astronaut_png), weights=str(path),
-                                          units=TINY_UNITS, widths=TINY_WIDTHS))
+                                          **tiny_arch))
     x = torch.rand(1, 3, 112, 112) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
 
 
-def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, tiny_arcface, astronaut_png):
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, tiny_arch, astronaut_png):
     path = tmp_path / "model_ir_se50.pth"
     torch.save({"conv.weight": torch.zeros(3, 3)}, path)
     with pytest.raises(InputError, match=r"does not fit the ArcFace IR-SE architecture: missing input_layer"):
         build_backbone(FaceIDOptions(reference=str(astronaut_png), weights=str(path),
-                                     units=TINY_UNITS, widths=TINY_WIDTHS))
+                                     **tiny_arch))
     wrong = IRSEBackbone([1, 1, 1, 1], [16, 16, 32, 64]).state_dict()
     torch.save(wrong, path)
     with pytest.raises(InputError, match="wrong shape"):
         build_backbone(FaceIDOptions(reference=str(astronaut_png), weights=str(path),
-                                     units=TINY_UNITS, widths=TINY_WIDTHS))
+                                     **tiny_arch))
 
 
 def test_pickled_code_is_refused(tmp_path, astronaut_png):

@@ -138,8 +138,8 @@ def build_faceid(context: BuildContext, **options: Any) -> FaceIDEnergy:
     if len(opts.units) != len(opts.widths):
         raise ConfigError("faceid options: 'units' and 'widths' need the same length")
     reference = load_image(opts.reference, opts.reference_size)
+    backbone = build_backbone(opts)  # before detection: a missing weight file is reported at once
     box = reference_box(opts, reference)
-    backbone = build_backbone(opts)
     scale = 127.5 / 128.0 if opts.backbone == "facenet" else 1.0  # facenet's fixed_image_standardization
     energy = FaceIDEnergy(backbone, reference, INPUT_SIZES[opts.backbone], box, opts.distance, scale)
     return energy.to(context.device)

@@ -111,17 +111,18 @@ def build_landmark(context: BuildContext, **options: Any) -> LandmarkEnergy:
     reference, target = None, None
     if opts.reference is not None:
         reference = load_image(opts.reference, opts.reference_size)
-        height, width = reference.shape[-2:]
-        if opts.box is not None:
-            face = check_box(opts.box)
-        else:
-            face, _, _ = detect_face(reference, source=f"reference image {opts.reference}")
     else:
         target = read_points(opts.points, count, opts.points_size)
+    face = check_box(opts.box) if opts.box is not None else None
+    net = build_net(opts)  # before detection: a missing weight file is reported at once
+    if reference is not None:
+        height, width = reference.shape[-2:]
+        if face is None:
+            face, _, _ = detect_face(reference, source=f"reference image {opts.reference}")
+    else:
         height = width = 1  # boxes from points are squares in image fractions (square images)
-        face = check_box(opts.box) if opts.box is not None else box_from_points(opts.backbone, target)
+        face = face if face is not None else box_from_points(opts.backbone, target)
     box = network_box(opts.backbone, face, width, height)
-    net = build_net(opts)
     if target is None:
         with torch.no_grad():
             target = LandmarkEnergy(net, box, torch.zeros(count, 2)).points(reference.unsqueeze(0))[0]
