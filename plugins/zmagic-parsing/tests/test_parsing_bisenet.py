@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from zmagic_parsing.bisenet import BiSeNet, load_bisenet, read_state_dict
+from zmagic_parsing.bisenet import BiSeNet, CheckpointMismatch, load_bisenet, read_state_dict
 
 
 def _conv(name, out_c, in_c, k):
@@ -101,7 +101,11 @@ def test_loader_is_strict_about_foreign_checkpoints(net, tmp_path):
     del state["conv_out.conv_out.weight"]
     path = tmp_path / "partial.pth"
     torch.save(state, path)
-    with pytest.raises(RuntimeError, match="conv_out.conv_out.weight"):
+    with pytest.raises(CheckpointMismatch, match="1 missing keys \\(conv_out.conv_out.weight\\)"):
+        load_bisenet(path)
+    state["conv_out.conv_out.weight"] = torch.zeros(5, 256, 1, 1)  # a 5-class head
+    torch.save(state, path)
+    with pytest.raises(CheckpointMismatch, match=r"conv_out.conv_out.weight: \(5, 256, 1, 1\) in the file"):
         load_bisenet(path)
 
 

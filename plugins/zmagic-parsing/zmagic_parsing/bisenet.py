@@ -191,14 +191,40 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+class CheckpointMismatch(ValueError):
+    """The file holds tensors, but not those of this architecture."""
+
+
+def _some(keys, n: int = 3) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
 def load_bisenet(path: Union[str, Path], n_classes: int = NUM_CLASSES) -> BiSeNet:
-    """A BiSeNet in eval mode with the checkpoint's weights, loaded strictly."""
+    """A BiSeNet in eval mode with the checkpoint's weights, loaded strictly.
+
+    Raises :class:`CheckpointMismatch` with a short summary when keys or shapes differ.
+    """
     state = read_state_dict(path)
     net = BiSeNet(n_classes)
+    expected = net.state_dict()
     # Checkpoints from old torch versions may lack BatchNorm's num_batches_tracked counters;
     # they do not affect eval-mode outputs, so fill them in rather than fail.
-    for key, value in net.state_dict().items():
+    for key, value in expected.items():
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros_like(value)
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    wrong = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_some(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_some(unexpected)})")
+        if wrong:
+            k = sorted(wrong)[0]
+            parts.append(f"{len(wrong)} shape mismatches ({k}: {tuple(state[k].shape)} in the file, "
+                         f"{tuple(expected[k].shape)} expected)")
+        raise CheckpointMismatch("; ".join(parts))
     net.load_state_dict(state, strict=True)
     return net.eval()

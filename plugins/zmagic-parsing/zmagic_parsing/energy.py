@@ -20,7 +20,7 @@ from zmagic_core.components import BuildContext, Energy
 from zmagic_core.errors import ConfigError, InputError, WeightsNotFoundError
 from zmagic_core.images import load_image
 
-from .bisenet import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, load_bisenet
+from .bisenet import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, CheckpointMismatch, load_bisenet
 
 BISENET_FILE = "79999_iter.pth"
 BISENET_URL = "https://drive.google.com/open?id=154JgKpzCPW82qINcVieuPH3fZ2e0P812"
@@ -69,8 +69,9 @@ class ParsingEnergy(Energy):
             raise ConfigError(f"parsing reduction must be 'l2' or 'mse', got {reduction!r}")
         self.parser = parser.eval().requires_grad_(False)
         self.input_size, self.distance, self.reduction = int(input_size), distance, reduction
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        device = next(iter(parser.parameters()), torch.empty(0)).device  # the reference is parsed there
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
         if reference.dim() == 3:
             reference = reference.unsqueeze(0)
         if reference.dim() != 4 or reference.shape[:2] != (1, 3):
@@ -149,12 +150,9 @@ def build_bisenet_parser(weights: Optional[str]) -> nn.Module:
                                        f"{_weights_help()}")
     try:
         net = load_bisenet(path, NUM_CLASSES)
-    except RuntimeError as exc:
-        if "state_dict" in str(exc) or "size mismatch" in str(exc) or "Missing key" in str(exc):
-            first = str(exc).strip().splitlines()[0:3]
-            raise InputError(f"{path} is not a BiSeNet face-parsing checkpoint in the {BISENET_FILE} format: "
-                             f"{' '.join(s.strip() for s in first)}") from None
-        raise InputError(f"cannot read BiSeNet checkpoint {path}: {exc}") from None
+    except CheckpointMismatch as exc:
+        raise InputError(f"{path} is not a BiSeNet face-parsing checkpoint in the {BISENET_FILE} format: "
+                         f"{exc}") from None
     except Exception as exc:  # pickle errors, truncated files, unsafe pickles, wrong container
         raise InputError(f"cannot read BiSeNet checkpoint {path}: {type(exc).__name__}: {exc}") from None
     return BiSeNetParser(net)
@@ -197,8 +195,8 @@ def build_parsing(context: BuildContext, **options: Any) -> ParsingEnergy:
         parser = build_bisenet_parser(opts.weights)
     else:
         parser = build_segformer_parser(opts.weights)
-    energy = ParsingEnergy(parser, reference, opts.input_size, opts.distance, opts.reduction)
-    return energy.to(device=context.device)
+    parser = parser.to(device=context.device, dtype=torch.float32)
+    return ParsingEnergy(parser, reference, opts.input_size, opts.distance, opts.reduction)
 
 
 build_parsing.Options = ParsingOptions
