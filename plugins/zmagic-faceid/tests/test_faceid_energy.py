@@ -49,7 +49,8 @@ def test_energy_zero_on_reference_larger_elsewhere_with_finite_gradients(tiny_op
 
 
 def test_energy_only_looks_inside_the_reference_box(tiny_options, astronaut_png):
-    energy = build_faceid(CTX, **tiny_options)
+    energy = build_faceid(CTX, **tiny_options).train()  # train mode must not touch the BatchNorm statistics
+    assert not energy.backbone.training
     ref = load_image(astronaut_png, 256).unsqueeze(0)
     outside = ref.clone()
     outside[:, :, 200:, :] = 1.0  # the face box is in the upper half
@@ -100,3 +101,5 @@ def test_bad_options_are_config_errors(tiny_options):
         build_faceid(CTX, **{**tiny_options, "crop": "middle"})
     with pytest.raises(InputError, match="box"):
         build_faceid(CTX, **tiny_options, box=[0.1, 0.2, 0.3])
+    with pytest.raises(ConfigError, match="box"):
+        build_faceid(CTX, **tiny_options, crop="freedom", box=[0.1, 0.2, 0.3, 0.4])

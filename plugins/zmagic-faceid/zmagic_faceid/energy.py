@@ -137,6 +137,8 @@ def build_faceid(context: BuildContext, **options: Any) -> FaceIDEnergy:
         raise ConfigError(f"faceid options: {exc}") from None
     if len(opts.units) != len(opts.widths):
         raise ConfigError("faceid options: 'units' and 'widths' need the same length")
+    if opts.crop == "freedom" and opts.box is not None:
+        raise ConfigError("faceid options: 'box' needs crop: mtcnn (crop: freedom uses a fixed box)")
     reference = load_image(opts.reference, opts.reference_size)
     backbone = build_backbone(opts)  # before detection: a missing weight file is reported at once
     box = reference_box(opts, reference)

@@ -1,6 +1,9 @@
 """Forward + backward (w.r.t. the input) time of the landmark backbones at their real input size,
 random weights (O-Net: the real shipped weights), on the CPU:
-``python scripts/time_backbones.py [batch] [repeats]``."""
+``python scripts/time_backbones.py [batch] [repeats] [threads]``.
+
+On a shared machine, 1 thread gives steadier numbers: with 2 OpenMP threads and other jobs
+running, a descheduled thread stalls every operator (O-Net: 3 ms alone, 700 ms contended)."""
 import os
 import sys
 import time
@@ -27,6 +30,8 @@ def main():
 
     batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    if len(sys.argv) > 3:
+        torch.set_num_threads(int(sys.argv[3]))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     fan = FAN(4).eval().requires_grad_(False)
     onet = ONetLandmarks().eval()

@@ -36,7 +36,8 @@ def test_energy_zero_on_reference_and_follows_a_shift(energy, reference, other_p
     shifted = torch.roll(reference, shifts=8, dims=-1)  # every landmark moves 8 px right
     other = load_image(other_png, 256).unsqueeze(0)
     images = torch.cat([reference, shifted, other]).requires_grad_(True)
-    e = energy(images)
+    e = energy.train()(images)  # train mode must not change the network
+    assert not energy.net.training
     assert e.shape == (3,) and (e >= 0).all()
     assert e[0] < 1e-5
     expected = 5 ** 0.5 * 8 / 256  # ||P - P*|| for five points each moved 8/256
