@@ -59,3 +59,23 @@ def test_learned_variance_channels_are_dropped():
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(model.eps(x, 10), unet(x, 10).sample[:, :3])
+
+
+def test_prediction_type_is_read_from_the_saved_scheduler(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from zmagic_core.components import BuildContext
+    from zmagic_core.models import MODEL_FACTORIES
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**PIXEL_UNET)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(prediction_type="v_prediction")).save_pretrained(tmp_path)
+    model = MODEL_FACTORIES["diffusers-pixel"](BuildContext(), id=str(tmp_path))
+    assert model.prediction_type == "v_prediction"
+    x = torch.randn(1, 3, 8, 8)
+    a = float(model.alphas_cumprod[250])
+    with torch.no_grad():
+        expected = math.sqrt(a) * unet(x, 250).sample + math.sqrt(1 - a) * x
+        torch.testing.assert_close(model.eps(x, 250), expected, rtol=1e-5, atol=1e-6)
+    override = MODEL_FACTORIES["diffusers-pixel"](BuildContext(), id=str(tmp_path), prediction_type="epsilon")
+    assert override.prediction_type == "epsilon"

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..components import BuildContext, DiffusionModel
 from ..errors import ConfigError
 from .attention import ATTENTION_POLICIES, attention_context, checkpoint_function
-from .loading import (fp32, DTYPES, PREDICTION_TYPES, alphas_cumprod_from_config, load_pretrained,
+from .loading import (fp32, PREDICTION_TYPES, alphas_cumprod_from_config, load_pretrained,
                       load_weights_into, output_to_eps, parse_dtype, read_scheduler_config,
                       resolve_device, resolve_source)
 
