@@ -103,3 +103,11 @@ def test_bad_options_are_config_errors(tiny_options):
         build_faceid(CTX, **tiny_options, box=[0.1, 0.2, 0.3])
     with pytest.raises(ConfigError, match="box"):
         build_faceid(CTX, **tiny_options, crop="freedom", box=[0.1, 0.2, 0.3, 0.4])
+
+
+def test_second_derivatives_exist_for_the_hessian_combiner(tiny_options):
+    energy = build_faceid(CTX, **tiny_options)
+    x = (torch.rand(2, 3, 64, 64) * 2 - 1).requires_grad_(True)
+    (grad,) = torch.autograd.grad(energy(x).sum(), x, create_graph=True)
+    (hvp,) = torch.autograd.grad((grad * torch.randn_like(grad)).sum(), x)
+    assert torch.isfinite(hvp).all() and hvp.abs().sum() > 0

@@ -117,3 +117,10 @@ def test_option_errors(astronaut_png, tmp_path):
         build_landmark(CTX, reference=str(astronaut_png), backbone="dlib")
     with pytest.raises(ConfigError, match="extra"):
         build_landmark(CTX, reference=str(astronaut_png), scale=3)
+
+
+def test_second_derivatives_exist_for_the_hessian_combiner(energy):
+    x = (torch.rand(2, 3, 64, 64) * 2 - 1).requires_grad_(True)
+    (grad,) = torch.autograd.grad(energy(x).sum(), x, create_graph=True)
+    (hvp,) = torch.autograd.grad((grad * torch.randn_like(grad)).sum(), x)
+    assert torch.isfinite(hvp).all() and hvp.abs().sum() > 0
