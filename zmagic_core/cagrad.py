@@ -3,79 +3,102 @@
     w* = argmin_{w in simplex} (K 1/m)^T w + sqrt(phi) ||R w||,   K = G G^T = R^T R,
     d  = g0 + sqrt(phi) / ||g_w*|| g_w*,   g0 = mean of the rows of G,   phi = c^2 ||g0||^2.
 
-The problem is built once per size m with parameters (kept DPP: sqrt(phi) is multiplied into
-R's value), then re-solved for every sample and step.
+Every sample of a batch is its own problem; one step's problems are solved together as one
+block-separable SOCP, compiled once per (batch, m) with parameters and re-solved every step.
+The problem stays DPP: sqrt(phi) is multiplied into R's value, not kept as a parameter.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-_PROBLEMS: dict[int, "SimplexSOCP"] = {}
+_PROBLEMS: dict[tuple[int, int], "SimplexSOCP"] = {}
 
 
 class SimplexSOCP:
-    """min_w b^T w + ||A w|| subject to w >= 0, sum w = 1, for fixed m."""
+    """For b = 1..B: min_w b_b^T w_b + ||A_b w_b|| subject to w_b >= 0, sum w_b = 1."""
 
-    def __init__(self, m: int):
+    def __init__(self, batch: int, m: int):
         import cvxpy as cp
 
-        self.m = m
-        self.w = cp.Variable(m, nonneg=True)
-        self.b = cp.Parameter(m)
-        self.A = cp.Parameter((m, m))
-        objective = cp.Minimize(self.b @ self.w + cp.norm(self.A @ self.w, 2))
-        self.problem = cp.Problem(objective, [cp.sum(self.w) == 1])
+        self.batch, self.m = batch, m
+        self.w = cp.Variable((batch, m), nonneg=True)
+        self.b = cp.Parameter((batch, m))
+        self.A = [cp.Parameter((m, m)) for _ in range(batch)]
+        objective = cp.sum(cp.multiply(self.b, self.w)) + sum(
+            cp.norm(A @ self.w[i], 2) for i, A in enumerate(self.A))
+        self.problem = cp.Problem(cp.Minimize(objective), [cp.sum(self.w, axis=1) == 1])
         self.solves = 0
 
     def solve(self, b: np.ndarray, A: np.ndarray) -> np.ndarray:
-        self.b.value, self.A.value = b, A
+        self.b.value = b
+        for param, value in zip(self.A, A):
+            param.value = value
         try:
             self.problem.solve(solver="CLARABEL")
-        except Exception:  # fall back to the first-order solver on numerical trouble
+        except Exception:  # numerical trouble: the first-order solver is slower but more forgiving
             self.problem.solve(solver="SCS", eps=1e-9)
         self.solves += 1
         w = self.w.value
-        if w is None or not np.all(np.isfinite(w)):
-            return np.full(self.m, 1.0 / self.m)
+        uniform = np.full((self.batch, self.m), 1.0 / self.m)
+        if w is None:
+            return uniform
         w = np.clip(w, 0.0, None)
-        return w / w.sum()
+        sums = w.sum(1, keepdims=True)
+        ok = np.isfinite(w).all(1, keepdims=True) & (sums > 0)
+        return np.where(ok, w / np.where(ok, sums, 1.0), uniform)
 
 
-def simplex_problem(m: int) -> SimplexSOCP:
-    """The compiled problem of size m (built on first use, then reused)."""
-    if m not in _PROBLEMS:
-        _PROBLEMS[m] = SimplexSOCP(m)
-    return _PROBLEMS[m]
+def simplex_problem(batch: int, m: int) -> SimplexSOCP:
+    """The compiled problem for this batch size and number of pair gradients (built once)."""
+    if (batch, m) not in _PROBLEMS:
+        _PROBLEMS[(batch, m)] = SimplexSOCP(batch, m)
+    return _PROBLEMS[(batch, m)]
+
+
+def cagrad_weights_batch(grams: np.ndarray, c: float) -> np.ndarray:
+    """w* (B, m) for a stack of Gram matrices K (B, m, m), in float64."""
+    batch, m = grams.shape[:2]
+    scale = np.trace(grams, axis1=1, axis2=2) / m
+    good = np.isfinite(scale) & (scale > 0)
+    # The argmin is invariant to the gradients' scale; normalising keeps the solver well-conditioned.
+    K = grams / np.where(good, scale, 1.0)[:, None, None]
+    K = np.where(good[:, None, None], K, np.eye(m))
+    sqrt_phi = c * np.sqrt(np.clip(K.mean(axis=(1, 2)), 0.0, None))  # ||g0||^2 = 1^T K 1 / m^2
+    eigval, eigvec = np.linalg.eigh(K)
+    R = np.sqrt(np.clip(eigval, 0.0, None))[:, :, None] * np.swapaxes(eigvec, 1, 2)  # K = R^T R
+    w = simplex_problem(batch, m).solve(K.mean(axis=2), sqrt_phi[:, None, None] * R)
+    w[~good] = 1.0 / m
+    return w
 
 
 def cagrad_weights(gram: np.ndarray, c: float) -> np.ndarray:
-    """w* for one Gram matrix K (m x m) of the pair gradients, in float64."""
-    m = gram.shape[0]
-    scale = np.trace(gram) / m
-    if scale <= 0 or not np.isfinite(scale):
-        return np.full(m, 1.0 / m)
-    K = gram / scale  # the argmin is invariant to the gradients' scale; this keeps it well-conditioned
-    g0_sq = K.mean()  # ||g0||^2 = 1^T K 1 / m^2
-    sqrt_phi = c * np.sqrt(max(g0_sq, 0.0))
-    eigval, eigvec = np.linalg.eigh(K)
-    R = np.sqrt(np.clip(eigval, 0.0, None))[:, None] * eigvec.T  # K = R^T R
-    return simplex_problem(m).solve(K.mean(axis=1), sqrt_phi * R)
+    """w* for one Gram matrix K (m x m)."""
+    return cagrad_weights_batch(gram[None], c)[0]
 
 
-def cagrad_direction(grads: torch.Tensor, c: float, rescale: str = "none") -> tuple[torch.Tensor, np.ndarray]:
-    """CAGrad's conflict-averse direction for the rows of ``grads`` (m x D); returns (d, w*)."""
+def cagrad_directions(grads: torch.Tensor, c: float, rescale: str = "none") -> tuple[torch.Tensor, np.ndarray]:
+    """CAGrad's direction for every sample: grads (B, m, D) -> (d (B, D), w* (B, m))."""
     g = grads.detach().double()
-    m = g.shape[0]
-    g0 = g.mean(dim=0)
+    batch, m = g.shape[:2]
+    g0 = g.mean(dim=1)
     if c == 0.0:
-        return g0.to(grads.dtype), np.full(m, 1.0 / m)
-    w = cagrad_weights((g @ g.T).cpu().numpy(), c)
-    gw = torch.as_tensor(w, dtype=g.dtype, device=g.device) @ g
-    gw_norm = gw.norm()
-    d = g0 if gw_norm <= 1e-30 else g0 + (c * g0.norm() / gw_norm) * gw
+        d, w = g0, np.full((batch, m), 1.0 / m)
+    else:
+        w = cagrad_weights_batch((g @ g.transpose(1, 2)).cpu().numpy(), c)
+        gw = torch.einsum("bm,bmd->bd", torch.as_tensor(w, dtype=g.dtype, device=g.device), g)
+        gw_norm = gw.norm(dim=1, keepdim=True)
+        step = torch.where(gw_norm > 1e-30, c * g0.norm(dim=1, keepdim=True) / gw_norm.clamp_min(1e-30),
+                           torch.zeros_like(gw_norm))
+        d = g0 + step * gw
     if rescale == "1/(1+c^2)":
         d = d / (1.0 + c**2)
     elif rescale == "1/(1+c)":
         d = d / (1.0 + c)
     return d.to(grads.dtype), w
+
+
+def cagrad_direction(grads: torch.Tensor, c: float, rescale: str = "none") -> tuple[torch.Tensor, np.ndarray]:
+    """The direction for one sample's pair gradients (m, D)."""
+    d, w = cagrad_directions(grads[None], c, rescale)
+    return d[0], w[0]

@@ -6,7 +6,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .cagrad import cagrad_direction
+from .cagrad import cagrad_directions
 from .components import Combined, Combiner
 from .guidance import Evaluation, GuidanceStep
 
@@ -120,10 +120,6 @@ class CAGradCombiner(Combiner):
         if len(step.conditions) < 2:
             return SumCombiner().combine(step)
         pairs, grads = self.pair_gradients(step)
-        batch = grads.shape[1]
-        out, weights = torch.empty_like(grads[0]), []
-        for b in range(batch):  # every sample is its own problem
-            d, w = cagrad_direction(grads[:, b].flatten(1), self.c, self.rescale)
-            out[b] = d.view_as(out[b])
-            weights.append(w.tolist())
-        return Combined(out, {"pairs": pairs, "weights": weights})
+        per_sample = grads.transpose(0, 1).flatten(2)  # (B, m, D): every sample is its own problem
+        d, w = cagrad_directions(per_sample, self.c, self.rescale)
+        return Combined(d.view_as(grads[0]), {"pairs": pairs, "weights": w.tolist()})

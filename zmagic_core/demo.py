@@ -9,11 +9,11 @@ from .runner import generate
 DEMO_RECIPE = {
     "model": {"kind": "shapes"},
     "solver": {"kind": "ddpm", "steps": 100},
-    # A colour classifier and the style (colour Gram matrix) of a red reference: both speak of colour,
-    # so they are dependent given x_t, the paper's premise.
+    # A colour classifier and the mask of a red circle: given x_t both depend on which prototype the
+    # sample is heading to, so they are dependent (the paper's premise); only red circles satisfy both.
     "conditions": [
-        {"kind": "shapes-attribute", "name": "red", "attribute": "color", "value": "red", "rule": "adaptive", "scale": 0.5},
-        {"kind": "shapes-mask", "name": "mask", "reference": "red circle center", "rule": "adaptive", "scale": 0.5},
+        {"kind": "shapes-attribute", "name": "red", "attribute": "color", "value": "red", "rule": "adaptive", "scale": 0.25},
+        {"kind": "shapes-mask", "name": "mask", "reference": "red circle center", "rule": "adaptive", "scale": 0.25},
     ],
     "batch_size": 64,
 }

@@ -151,7 +151,7 @@ class Pipeline:
         energies: dict[str, torch.Tensor] = {}
         grads: dict[str, torch.Tensor] = {}
         for c, e, g in zip(step.conditions, ev.energies, ev.grads):
-            energies[c.name], grads[c.name] = e, g
+            energies[c.name], grads[c.name] = e, (None if g is None else g.detach())
         if not active:  # nothing guided: energies were computed for every condition at x_t
             energies = {c.name: e for c, e in zip(self.conditions, ev.energies)}
         else:
@@ -169,7 +169,7 @@ class Pipeline:
         for b in range(x.shape[0]):
             records.append({
                 "energy": {n: float(e[b]) for n, e in energies.items()},
-                "grad_norm": {n: float(g[b].norm()) for n, g in grads.items()},
+                "grad_norm": {n: float(g[b].norm()) for n, g in grads.items() if g is not None},
                 "cosine": {k: float(v[b]) for k, v in cos.items()},
                 "guidance_norm": float(gnorm[b]),
                 **{k: float(v[b]) for k, v in extra.items()},
