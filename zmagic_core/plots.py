@@ -19,8 +19,12 @@ def _series(traces: list[list[dict]], group: str) -> tuple[np.ndarray, dict[str,
 
 
 def _band(ax, ts, values, label):
-    mean = np.nanmean(values, 0)
-    lo, hi = np.nanpercentile(values, 25, 0), np.nanpercentile(values, 75, 0)
+    import warnings
+
+    with warnings.catch_warnings():  # steps where a condition is outside its window are all-NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(values, 0)
+        lo, hi = np.nanpercentile(values, 25, 0), np.nanpercentile(values, 75, 0)
     (line,) = ax.plot(ts, mean, label=label)
     ax.fill_between(ts, lo, hi, color=line.get_color(), alpha=0.2)
 

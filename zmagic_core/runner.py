@@ -136,6 +136,9 @@ def _aggregate(out: Path, recipe: Recipe, seeds, pipeline, errors, elapsed, gene
     record_path.write_text(json.dumps(record))
     if samples:
         images = torch.stack([_png_tensor(_sample_paths(out, r["index"])["png"]) for r in records])
+        if images.shape[-1] < 128:  # small images (the shapes world) are enlarged to be seen
+            factor = 128 // images.shape[-1]
+            images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
         save_image(image_grid(images), out / "grid.png")
         traces = [r["trace"] for r in records]
         title = f"{recipe.combiner.kind} ({len(records)} samples)"
