@@ -72,3 +72,13 @@ def tiny_arcface(tmp_path_factory) -> tuple[Path, IRSEBackbone]:
 def tiny_options(tiny_arcface, astronaut_png) -> dict:
     return {"reference": str(astronaut_png), "weights": str(tiny_arcface[0]),
             "units": TINY_UNITS, "widths": TINY_WIDTHS}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These networks are small: one intra-op thread is as fast on a quiet 2-core machine and far
+    steadier on a shared one (a descheduled OpenMP thread stalls every operator)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -47,3 +47,13 @@ def tiny_fan(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "2DFAN4-11f355bf06.pth.tar"
     torch.save(model.state_dict(), path)
     return path, model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These networks are small: one intra-op thread is as fast on a quiet 2-core machine and far
+    steadier on a shared one (a descheduled OpenMP thread stalls every operator)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
