@@ -7,6 +7,7 @@ from zmagic_core.components import BuildContext
 from zmagic_core.errors import InputError, WeightsNotFoundError
 from zmagic_core.images import load_image
 from zmagic_landmark.energy import build_landmark
+from zmagic_landmark.faces import detect_face
 from zmagic_landmark.networks import soft_argmax
 
 CTX = BuildContext()
@@ -33,7 +34,11 @@ def test_fan_checkpoint_loads_and_gives_a_68_point_energy(tiny_fan, astronaut_pn
         assert torch.equal(energy.net.net.state_dict()[key], value), key
     # face-alignment's crop convention: a square of side 200 (w + h) / 195 around the face box, moved up
     x0, y0, x1, y1 = energy.box
-    assert x1 - x0 == pytest.approx(y1 - y0) and x1 - x0 > 0.3
+    fx0, fy0, fx1, fy1 = detect_face(load_image(astronaut_png, 256))[0]
+    fw, fh = fx1 - fx0, fy1 - fy0
+    assert x1 - x0 == pytest.approx(200 * (fw + fh) / 195) and y1 - y0 == pytest.approx(x1 - x0)
+    assert (x0 + x1) / 2 == pytest.approx((fx0 + fx1) / 2)
+    assert (y0 + y1) / 2 == pytest.approx((fy0 + fy1) / 2 - 0.12 * fh)
     assert energy.target.shape == (68, 2)
     ref = load_image(astronaut_png, 256).unsqueeze(0)
     images = torch.cat([ref, load_image(other_png, 256).unsqueeze(0)]).requires_grad_(True)
