@@ -162,3 +162,17 @@ def test_plugins_table(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "zmagic_core.builtin" in out and "combiner: sum, dependent, cagrad" in out
+
+
+def test_reference_paths_are_relative_to_the_recipe(tmp_path, monkeypatch):
+    from zmagic_core.images import save_image
+    from zmagic_core.shapes import render
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    save_image(render("circle", "red", "center", 16), folder / "ref.png")
+    data = dict(SMALL, conditions=[SMALL["conditions"][0], {"kind": "shapes-mask", "reference": "ref.png"}],
+                num_samples=1)
+    (folder / "r.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "recipes/r.yaml", "--out", str(tmp_path / "o")]) == 0

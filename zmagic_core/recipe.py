@@ -164,9 +164,21 @@ def load_recipe(source: Union[str, Path, dict], overrides: tuple[str, ...] | lis
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from None
+    if not isinstance(source, dict):
+        _resolve_relative_paths(recipe, Path(source).resolve().parent)
     if check:
         check_recipe(recipe, registry)
     return recipe
+
+
+def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:
+    """Option values naming files next to the recipe (references, checkpoints) work from any folder."""
+    for spec in [recipe.model, *recipe.conditions]:
+        for key, value in spec.options.items():
+            if isinstance(value, str) and value and not Path(value).is_absolute() and not Path(value).exists():
+                candidate = base / value
+                if candidate.exists():
+                    spec.options[key] = str(candidate)
 
 
 # -- checking against the registry ----------------------------------------------------------------
