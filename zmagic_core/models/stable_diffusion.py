@@ -53,12 +53,12 @@ class PromptCondition(Condition):
             return self.model.eps_cond(ev.x, max(ev.t, 0))
 
     def guidance(self, ev, create_graph):
-        eps_c = self._eps_cond(ev, True)
+        """g keeps its graph (through both UNet passes) only with ``create_graph``; otherwise the
+        conditional pass runs without a graph (no memory held for a backward that never comes)."""
+        eps_c = self._eps_cond(ev, create_graph)
         denom = math.sqrt(1.0 - ev.abar) if ev.abar < 1.0 else 1.0
-        diff = eps_c - ev.eps
+        diff = eps_c - (ev.eps if create_graph else ev.eps.detach())
         g = -self.model.guidance_scale * diff / denom
-        if not create_graph:
-            g = g.detach()
         return rms(diff), g
 
     def energy_only(self, ev):
