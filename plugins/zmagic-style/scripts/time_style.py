@@ -1,7 +1,7 @@
 """CPU time of the style energy, forward and forward+backward w.r.t. the images.
 
 Real architectures with random weights: CLIP ViT-B-16 tokens after block 2 (input 224) and
-VGG19 relu1_1..relu5_1 (input 224 and 256).  Usage: python time_style.py [repeats]
+VGG19 relu1_1..relu5_1 (input 224 and 256).  Usage: python time_style.py [--repeats 5] [--threads 1]
 """
 import os
 import sys
@@ -14,13 +14,27 @@ from zmagic_style.openclip_loading import OPENAI_MEAN, OPENAI_STD, LoadedClip
 
 
 def best_of(fn, repeats):
+    """(median wall seconds, median process CPU seconds) after a warm-up.
+
+    On a shared machine the wall time is inflated by waiting for cores; with one thread the
+    process CPU time is the best estimate of the unloaded cost.
+    """
     fn()  # warm-up
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times), sorted(times)[len(times) // 2]
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
+
+
+def gflops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
 
 
 def report(label, energy, batch, size, repeats):
@@ -32,12 +46,12 @@ def report(label, energy, batch, size, repeats):
 
     def fwd_bwd():
         xg = x.clone().requires_grad_(True)
-        torch.autograd.grad(energy(xg).sum(), xg)
+        energy(xg).sum().backward()  # only the input requires grad
 
-    f, fm = best_of(fwd, repeats)
-    b, bm = best_of(fwd_bwd, repeats)
-    print(f"style {label} batch {batch} input {size}px: forward {f * 1e3:7.0f} ms (median {fm * 1e3:.0f}), "
-          f"forward+backward {b * 1e3:7.0f} ms (median {bm * 1e3:.0f})")
+    fw, fc = best_of(fwd, repeats)
+    bw, bc = best_of(fwd_bwd, repeats)
+    print(f"style {label} batch {batch} input {size}px: forward wall {fw * 1e3:6.0f} ms cpu {fc * 1e3:6.0f} ms | "
+          f"forward+backward wall {bw * 1e3:6.0f} ms cpu {bc * 1e3:6.0f} ms | {gflops(fwd_bwd):.1f} GFLOP")
 
 
 def main(repeats: int = 5):
@@ -59,4 +73,12 @@ def main(repeats: int = 5):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    main(args.repeats)
