@@ -185,3 +185,23 @@ def test_guided_run_lowers_the_energy(tiny):
         eg, ep = energy(g.images), energy(p.images)
     # measured: guided ~0.74 vs plain ~1.0 per sample (scale 0.5); every sample must improve
     assert (eg < ep).all() and eg.mean() < ep.mean() - 0.05, (eg, ep)
+
+
+def test_recipe_checks_and_builds_clip_text(tiny):
+    from zmagic_core.recipe import build_pipeline, load_recipe
+
+    config, pt, _, _ = tiny
+    recipe = {
+        "model": {"kind": "shapes", "size": 32},
+        "solver": {"kind": "ddpm", "steps": 3},
+        "conditions": [{"kind": "clip-text", "prompt": "a red circle", "model_config": str(config),
+                        "checkpoint": str(pt), "distance": "l2", "rule": "adaptive", "scale": 0.5}],
+        "num_samples": 1, "batch_size": 1, "device": "cpu",
+    }
+    pipeline = build_pipeline(recipe)
+    energy = pipeline.conditions[0].energy
+    assert isinstance(energy, ClipTextEnergy) and energy.distance == "l2"
+    assert not pipeline.run(seeds=[0], batch_size=1, progress=False).errors
+    bad = {**recipe, "conditions": [{"kind": "clip-text", "promt": "typo"}]}
+    with pytest.raises(ConfigError, match="promt"):
+        load_recipe(bad)

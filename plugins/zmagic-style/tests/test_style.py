@@ -199,3 +199,27 @@ def test_guided_run_lowers_the_energy(tiny_clip, tmp_path):
         eg, ep = energy(g.images), energy(p.images)
     # measured: guided/plain ~0.75 (every sample lower) at scale 0.25
     assert eg.mean() < 0.9 * ep.mean(), (eg, ep)
+
+
+def test_recipe_checks_and_builds_style(tiny_clip, vgg_weights, pictures):
+    from zmagic_core.recipe import build_pipeline, load_recipe
+    from zmagic_style import StyleEnergy
+
+    config, st, _, _ = tiny_clip
+    recipe = {
+        "model": {"kind": "shapes", "size": 32},
+        "solver": {"kind": "ddpm", "steps": 3},
+        "conditions": [
+            {"kind": "style", "reference": str(pictures / "reference.png"), "model_config": str(config),
+             "checkpoint": str(st), "rule": "adaptive", "scale": 0.25},
+            {"kind": "style", "name": "vgg", "reference": str(pictures / "reference.png"), "backbone": "vgg",
+             "weights": str(vgg_weights[0]), "image_size": 32, "layers": ["relu1_1", "relu2_1"]},
+        ],
+        "num_samples": 1, "batch_size": 1, "device": "cpu",
+    }
+    pipeline = build_pipeline(recipe)
+    assert all(isinstance(c.energy, StyleEnergy) for c in pipeline.conditions)
+    assert not pipeline.run(seeds=[0], batch_size=1, progress=False).errors
+    bad = {**recipe, "conditions": [{"kind": "style", "reference": "a.png", "weights": "vgg.pth"}]}
+    with pytest.raises(ConfigError, match="do not apply"):
+        load_recipe(bad)
