@@ -83,6 +83,16 @@ def test_gradients_are_finite_and_twice_differentiable(tiny):
     (h,) = torch.autograd.grad(g.pow(2).sum(), x)  # the Hessian term of the dependent combiner
     assert torch.isfinite(h).all()
     assert not any(p.requires_grad for p in energy.parameters())
+    assert not energy.train().training and not energy.visual.training
+
+
+def test_pretrained_may_be_a_file_path(tiny):
+    _, _, st, _ = tiny
+    a = build(tiny, checkpoint=None, pretrained=str(st))
+    b = build(tiny)
+    x = images(1)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x))
 
 
 def test_prompt_matters_and_descent_lowers_the_energy(tiny):

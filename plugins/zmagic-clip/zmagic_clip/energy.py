@@ -94,6 +94,10 @@ class ClipTextEnergy(Energy):
         return cls(loaded.model.visual, text, ClipPreprocess(loaded.image_size, loaded.mean, loaded.std).to(device),
                    distance, attention)
 
+    def train(self, mode: bool = True) -> "ClipTextEnergy":
+        """A frozen network: always in eval mode, whatever the caller asks."""
+        return super().train(False)
+
     def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
         with attention_context(self.attention):
             out = self.visual(self.preprocess(images.float()))

@@ -128,6 +128,8 @@ def test_vgg_loaded_weights_are_the_saved_ones(vgg_weights, pictures):
 def test_gradients_are_finite_and_descent_lowers_the_energy(tiny_clip, vgg_weights, pictures, backbone):
     ref = pictures / "reference.png"
     energy = clip_style(tiny_clip, ref) if backbone == "clip" else vgg_style(vgg_weights, ref, image_size=32)
+    assert not any(p.requires_grad for p in energy.parameters())
+    assert not energy.train().training and not energy.backbone.training
     x = load_image(pictures / "other.png", 48).unsqueeze(0).requires_grad_(True)  # any size: resized inside
     (g,) = torch.autograd.grad(energy(x).sum(), x, create_graph=True)
     assert torch.isfinite(g).all() and g.abs().sum() > 0

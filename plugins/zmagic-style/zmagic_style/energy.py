@@ -82,6 +82,10 @@ class StyleEnergy(Energy):
         for i, t in enumerate(targets):
             self.register_buffer(f"target{i}", t.detach())
 
+    def train(self, mode: bool = True) -> "StyleEnergy":
+        """A frozen network: always in eval mode, whatever the caller asks."""
+        return super().train(False)
+
     def targets(self) -> list[torch.Tensor]:
         return [getattr(self, f"target{i}") for i in range(self.num_layers)]
 
