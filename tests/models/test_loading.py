@@ -200,3 +200,16 @@ def test_example_recipes_parse(name):
     reg = Registry(load_entry_points=False)
     combiner = reg.get("combiner", recipe.combiner.kind).factory
     combiner.Options(**recipe.combiner.options)
+
+
+def test_unreachable_hub_fails_at_once(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    start = time.time()
+    with pytest.raises(WeightsNotFoundError, match="cannot be reached") as info:
+        build("diffusers-pixel", id="zmagic-tests/no-such-model")
+    assert "huggingface-cli download zmagic-tests/no-such-model" in str(info.value)
+    assert time.time() - start < 5

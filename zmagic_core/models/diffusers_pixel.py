@@ -99,9 +99,9 @@ def _pick_subfolder(source, explicit: Optional[str], candidate: str, filename: s
 def build_diffusers_pixel(context: BuildContext, **options) -> DiffusersPixelModel:
     """A diffusers UNet2DModel (pixel space) from a hub id or folder, as an eps-prediction model."""
     opts = DiffusersPixelOptions(**options)
+    source = resolve_source(opts.id, opts.path, opts.revision, opts.local_files_only)  # fails before heavy imports
     from diffusers import UNet2DModel
 
-    source = resolve_source(opts.id, opts.path, opts.revision, opts.local_files_only)
     unet_sub = _pick_subfolder(source, opts.subfolder, "unet", "config.json")
     dtype = parse_dtype(opts.dtype, context.dtype)
     unet = load_pretrained(UNet2DModel, source, unet_sub, what="UNet2DModel", torch_dtype=dtype)

@@ -151,7 +151,33 @@ def resolve_source(model_id: Optional[str], path: Optional[str] = None, revision
         raise WeightsNotFoundError(
             f"weights for {model_id!r} not found: {source.where()} has no copy, and the hub is not "
             f"consulted ({mode}). To get them: {source.how_to_get()}.")
+    if not source.local and not source.is_cached():
+        why = hub_unreachable()
+        if why is not None:  # fail at once instead of after the hub client's retries
+            raise WeightsNotFoundError(
+                f"weights for {model_id!r} not found: {source.where()} has no copy, and {why}. "
+                f"To get them: {source.how_to_get()}.")
     return source
+
+
+def hub_unreachable(timeout: float = 3.0) -> Optional[str]:
+    """Why the hub endpoint cannot be reached (one TCP connect, no retries), or None if it can."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    except Exception:  # pragma: no cover
+        endpoint = "https://huggingface.co"
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{endpoint} cannot be reached ({exc})"
 
 
 def _reason(exc: BaseException) -> str:

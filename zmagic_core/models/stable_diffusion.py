@@ -194,10 +194,10 @@ class StableDiffusionOptions(BaseModel):
 def build_stable_diffusion(context: BuildContext, **options) -> StableDiffusionModel:
     """Stable Diffusion (v1.x layout) with the prompt as the first condition."""
     opts = StableDiffusionOptions(**options)
+    source = resolve_source(opts.id, opts.path, opts.revision, opts.local_files_only)  # fails before heavy imports
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    source = resolve_source(opts.id, opts.path, opts.revision, opts.local_files_only)
     dtype = parse_dtype(opts.dtype, context.dtype)
     vae_dtype = parse_dtype(opts.vae_dtype, dtype)
     device = resolve_device(opts.device, context.device)
