@@ -21,6 +21,9 @@ COMBINERS = [("sum", {}), ("dependent", {}), ("cagrad", {"c": 0.5})]
 
 
 def run_demo(out: Path, samples: int = 64, progress: bool = True) -> list[dict]:
+    import torch
+
+    torch.set_num_threads(1)  # the shapes world's tensors are small: more threads only contend
     rows = []
     for kind, options in COMBINERS:
         overrides = [f"combiner.kind={kind}", f"num_samples={samples}"] + [f"combiner.{k}={v}" for k, v in options.items()]
