@@ -28,3 +28,13 @@ def tiny(tmp_path_factory):
     torch.save(state, root / "tiny.pt")
     save_file(state, str(root / "tiny.safetensors"))
     return config, root / "tiny.pt", root / "tiny.safetensors", model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests are tiny; one intra-op thread keeps them fast on shared, oversubscribed CPUs
+    (OpenMP threads waiting for cores made them 3-4x slower there).  Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -66,3 +66,13 @@ def pictures(tmp_path_factory):
     Image.fromarray(np.ascontiguousarray(other)).save(root / "other.png")
     (root / "broken.png").write_bytes(b"this is not a png")
     return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests are tiny; one intra-op thread keeps them fast on shared, oversubscribed CPUs
+    (OpenMP threads waiting for cores made them 3-4x slower there).  Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
