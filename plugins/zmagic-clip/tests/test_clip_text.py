@@ -215,3 +215,40 @@ def test_recipe_checks_and_builds_clip_text(tiny):
     bad = {**recipe, "conditions": [{"kind": "clip-text", "promt": "typo"}]}
     with pytest.raises(ConfigError, match="promt"):
         load_recipe(bad)
+
+
+def fake_hub_cache(root, repo_id, filename, source):
+    """The Hugging Face cache layout: models--org--name/{refs/main, snapshots/<rev>/<file>}."""
+    import shutil
+
+    folder = root / f"models--{repo_id.replace('/', '--')}"
+    rev = "0" * 40
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(rev)
+    (folder / "snapshots" / rev).mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, folder / "snapshots" / rev / filename)
+
+
+@pytest.mark.parametrize("cached", ["open_clip_pytorch_model.bin", "open_clip_model.safetensors"])
+def test_pretrained_tag_found_in_the_hub_cache_offline(tiny, tmp_path, monkeypatch, cached):
+    """The usual path on a user's machine: a tag whose weights sit in the Hugging Face cache."""
+    import open_clip
+
+    config, pt, st, model = tiny
+    real = open_clip.get_pretrained_cfg
+
+    def fake_cfg(name, tag):
+        if name == TINY_NAME and tag == "fake-tag":
+            return {"hf_hub": "zmagic-test/tiny-clip/", "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+        return real(name, tag)
+
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", fake_cfg)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fake_hub_cache(tmp_path, "zmagic-test/tiny-clip", cached, pt if cached.endswith(".bin") else st)
+    energy = build_clip_text(BuildContext(), prompt="a red circle", model_config=str(config),
+                             pretrained="fake-tag", cache_dir=str(tmp_path))
+    assert torch.allclose(energy.preprocess.shift, torch.full((1, 3, 1, 1), 0.0))  # the tag's mean
+    assert torch.allclose(energy.preprocess.scale, torch.full((1, 3, 1, 1), 0.5))  # and std
+    sd = model.visual.state_dict()
+    for k, v in energy.visual.state_dict().items():
+        torch.testing.assert_close(v, sd[k])
