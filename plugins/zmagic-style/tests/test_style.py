@@ -225,3 +225,27 @@ def test_recipe_checks_and_builds_style(tiny_clip, vgg_weights, pictures):
     bad = {**recipe, "conditions": [{"kind": "style", "reference": "a.png", "weights": "vgg.pth"}]}
     with pytest.raises(ConfigError, match="do not apply"):
         load_recipe(bad)
+
+
+def test_guided_run_lowers_the_energy_vgg(vgg_weights, tmp_path):
+    """VGG backbone, shallow layers: with random weights the deep layers (at 32 px relu5_1 is 2x2)
+    do not steer the shapes world reliably (measured guided/plain 0.88-1.26 with all five layers),
+    relu1_1 + relu2_1 do: measured 0.84 / 0.68 / 0.86 at scales 0.5 / 1 / 2 (8 seeds)."""
+    from zmagic_core.combiners import SumCombiner
+    from zmagic_core.guidance import Condition
+    from zmagic_core.images import save_image
+    from zmagic_core.pipeline import Pipeline
+    from zmagic_core.shapes import ShapesModel, render
+    from zmagic_core.solvers import DDPMSolver
+
+    save_image(render("square", "blue", "top", 32), tmp_path / "style.png")
+    energy = vgg_style(vgg_weights, tmp_path / "style.png", image_size=32, layers=["relu1_1", "relu2_1"])
+    world = ShapesModel(size=32)
+    seeds = list(range(8))
+    g = Pipeline(world, DDPMSolver(), SumCombiner(), [Condition("style", energy, rule="adaptive", scale=1.0)],
+                 steps=25).run(seeds=seeds, batch_size=8, progress=False)
+    p = Pipeline(world, DDPMSolver(), SumCombiner(), [], steps=25).run(seeds=seeds, batch_size=8, progress=False)
+    assert not g.errors
+    with torch.no_grad():
+        eg, ep = energy(g.images), energy(p.images)
+    assert eg.mean() < 0.9 * ep.mean(), (eg, ep)
