@@ -222,6 +222,11 @@ def test_recipe_checks_and_builds_style(tiny_clip, vgg_weights, pictures):
     pipeline = build_pipeline(recipe)
     assert all(isinstance(c.energy, StyleEnergy) for c in pipeline.conditions)
     assert not pipeline.run(seeds=[0], batch_size=1, progress=False).errors
+    # Z-Magic's dependent combiner with the Hessian term: second derivatives through both backbones
+    dependent = build_pipeline({**recipe, "combiner": {"kind": "dependent", "hessian": True}})
+    result = dependent.run(seeds=[0], batch_size=1, progress=False)
+    assert not result.errors and torch.isfinite(result.images).all()
+    assert not any("fallback" in rec for rec in result.trace[0])
     bad = {**recipe, "conditions": [{"kind": "style", "reference": "a.png", "weights": "vgg.pth"}]}
     with pytest.raises(ConfigError, match="do not apply"):
         load_recipe(bad)
