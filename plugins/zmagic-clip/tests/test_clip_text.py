@@ -212,6 +212,13 @@ def test_recipe_checks_and_builds_clip_text(tiny):
     energy = pipeline.conditions[0].energy
     assert isinstance(energy, ClipTextEnergy) and energy.distance == "l2"
     assert not pipeline.run(seeds=[0], batch_size=1, progress=False).errors
+    # Z-Magic's dependent combiner with the Hessian term needs second derivatives through CLIP
+    dependent = build_pipeline({**recipe, "combiner": {"kind": "dependent", "hessian": True},
+                                "conditions": recipe["conditions"] + [
+                                    {"kind": "shapes-attribute", "attribute": "color", "value": "red"}]})
+    result = dependent.run(seeds=[0], batch_size=1, progress=False)
+    assert not result.errors and torch.isfinite(result.images).all()
+    assert not any("fallback" in rec for rec in result.trace[0])
     bad = {**recipe, "conditions": [{"kind": "clip-text", "promt": "typo"}]}
     with pytest.raises(ConfigError, match="promt"):
         load_recipe(bad)
