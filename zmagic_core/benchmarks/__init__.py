@@ -47,3 +47,18 @@ def write_section(page: Path, name: str, text: str) -> None:
     new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(new)
+
+
+def revision() -> str:
+    """The git commit of the code that ran, marked dirty when zmagic_core had local changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "zmagic_core"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + (" (zmagic_core with uncommitted changes)" if dirty else "")

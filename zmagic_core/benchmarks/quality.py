@@ -25,13 +25,14 @@ import argparse
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from . import command, machine, now, write_section
+from . import command, machine, now, revision, write_section
 from ..combiners import CAGradCombiner, DependentCombiner, SumCombiner, cosine
 from ..components import Combiner
 from ..guidance import Condition
@@ -258,6 +259,13 @@ def seed_sets(samples: int, sets: int) -> list[list[int]]:
     return [list(range(1000 * j, 1000 * j + per)) for j in range(sets)]
 
 
+def nanmean(values) -> np.ndarray:
+    """Mean over the first axis ignoring NaN; NaN (without a warning) where all are NaN."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.array(values, dtype=float), 0)
+
+
 # -- aggregation ---------------------------------------------------------------------------------
 def interval(values) -> tuple[float, float, float]:
     v = np.array([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], dtype=float)
@@ -306,10 +314,13 @@ def _plt():
 
 def _curve(ax, ts, runs, label, style="-"):
     arr = np.array(runs, dtype=float)
-    mean = np.nanmean(arr, 0)
+    mean = nanmean(arr)
     (line,) = ax.plot(ts, mean, style, label=label, lw=1.2)
     if len(arr) > 1:
-        ax.fill_between(ts, np.nanmin(arr, 0), np.nanmax(arr, 0), color=line.get_color(), alpha=0.18)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lo, hi = np.nanmin(arr, 0), np.nanmax(arr, 0)
+        ax.fill_between(ts, lo, hi, color=line.get_color(), alpha=0.18)
 
 
 def figure_energies(results: dict, out: Path) -> list[str]:
@@ -420,6 +431,7 @@ def page_section(args, argv, scale, sweep_rows, results, scenarios, figures, wal
         "",
         f"Command: `{command('quality', argv)}`  ",
         f"Machine: {machine()}  ",
+        f"Code: git {revision()}  ",
         f"Date: {now()}; wall time {wall / 60:.1f} min (CPU shared with other jobs: compare CPU seconds within this run only).",
         "",
         f"Setting: shapes world (32 px, K = 108 prototypes, sigma0 = 0.1), {args.steps} ancestral (DDPM) steps unless the "
@@ -563,7 +575,7 @@ def main(argv: list[str]) -> int:
             results[sc["name"]][method] = runs
             log(f"{sc['name']:>24} {method:>13}: joint {fmt([r['joint'] for r in runs])}, "
                 f"on-manifold {fmt([r['on_manifold'] for r in runs], 2, False)}, "
-                f"cos exact {[round(float(x), 2) for x in np.nanmean([r['cos_exact_band'] for r in runs], 0)]}, "
+                f"cos exact {[round(float(x), 2) for x in nanmean([r['cos_exact_band'] for r in runs])]}, "
                 f"{sum(r['cpu_seconds'] for r in runs):.1f} s cpu")
         (out / "quality.json").write_text(json.dumps({"scale": scale, "sweep": sweep_rows, "results": results}))
     figures = {"energies": {}}
