@@ -190,6 +190,8 @@ def run_case(model_name: str, combiner: str, n: int, size: int, batch: int, step
     world = base if isinstance(base, ShapesModel) else ShapesModel(size)
     conditions = [Condition(name, build_energy(world, kind, opts), "adaptive", 0.25)
                   for name, kind, opts in CONDITIONS[:n]]
+    import cvxpy  # noqa: F401  (imported before the memory baseline, for every combiner alike)
+
     model = counting_model(base)
     pipe = Pipeline(model, DDPMSolver(), make_combiner(combiner), conditions, steps=100)
     pipe.schedule.timesteps = pipe.schedule.timesteps[:steps + 1]  # a warm-up step, then `steps` timed ones
@@ -335,8 +337,9 @@ def page_section(args, argv, rows, units, wall) -> str:
         "The identities have vmap rules, so one `is_grads_batched` VJP with several cotangents counts as one pass. "
         "Counts are per step (mean over the timed steps). **Time**: process CPU seconds per step with one torch "
         "thread. **Memory**: growth of the process's peak resident set during the run (each case in a fresh "
-        "subprocess), above the process after the model was built; for the small models this is dominated by "
-        "allocator noise, so only the CelebA-HQ-architecture figures are meaningful.",
+        "subprocess), above the process after the model was built and cvxpy imported; it includes the warm-up step "
+        "(cagrad: compiling its cvxpy problem, tens of MB). For the small models it is dominated by such "
+        "one-off costs and allocator noise; only the CelebA-HQ-architecture figures say much.",
         "",
         "**Floors** (fewest passes per step the maths needs, one sample batch, one cotangent per pass):",
         "",
@@ -398,7 +401,7 @@ def parse(argv):
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     p.add_argument("--n", nargs="*", type=int, default=[2, 3, 4], help="numbers of conditions")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step (small models)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up step (small models)")
     p.add_argument("--celebahq-size", type=int, default=64)
     p.add_argument("--celebahq-steps", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)

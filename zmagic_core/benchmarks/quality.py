@@ -328,7 +328,7 @@ def figure_energies(results: dict, out: Path) -> list[str]:
     files = []
     for sc_name, methods in results.items():
         names = list(next(iter(methods.values()))[0]["energy_step"])
-        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.0), squeeze=False)
         for k, n in enumerate(names):
             ax = axes[0, k]
             for method, runs in methods.items():
@@ -337,10 +337,12 @@ def figure_energies(results: dict, out: Path) -> list[str]:
             ax.set_xlim(1000, 0)
             ax.set_xlabel("t (energy of the clean estimate after the step)")
             ax.set_ylabel(f"energy {n}")
-            ax.set_yscale("symlog", linthresh=0.1)
+            ax.set_yscale("symlog", linthresh=0.01)
+            ax.set_ylim(bottom=0)
             ax.set_title(f"{sc_name}: {n}")
-        axes[0, -1].legend(fontsize=6, loc="upper right")
-        fig.tight_layout()
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(len(labels), 6))
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
         fname = f"energies_{slug(sc_name)}.png"
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
@@ -420,19 +422,29 @@ def figure_joint(results: dict, out: Path) -> str:
     return "joint_satisfaction.png"
 
 
+def make_figures(results: dict, scenarios: list[dict], out: Path) -> dict:
+    figures = {"energies": {}}
+    for f, sc in zip(figure_energies(results, out), scenarios):
+        figures["energies"][slug(sc["name"])] = f
+    figures["joint"] = figure_joint(results, out)
+    figures["cosine_conditions"] = figure_condition_cosine(results, out)
+    figures["cosine_exact"] = figure_cosine_exact(results, out)
+    return figures
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
 
 
 # -- the page ------------------------------------------------------------------------------------
-def page_section(args, argv, scale, sweep_rows, results, scenarios, figures, wall) -> str:
+def page_section(args, argv, scale, sweep_rows, results, scenarios, figures, wall, date=None, rev=None) -> str:
     lines = [
         "## Quality: every combiner against the exact oracle (shapes world)",
         "",
         f"Command: `{command('quality', argv)}`  ",
         f"Machine: {machine()}  ",
-        f"Code: git {revision()}  ",
-        f"Date: {now()}; wall time {wall / 60:.1f} min (CPU shared with other jobs: compare CPU seconds within this run only).",
+        f"Code: git {rev or 'unknown'}  ",
+        f"Date: {date or now()}; wall time {wall / 60:.1f} min (nan: not recorded; CPU shared with other jobs: compare CPU seconds within this run only).",
         "",
         f"Setting: shapes world (32 px, K = 108 prototypes, sigma0 = 0.1), {args.steps} ancestral (DDPM) steps unless the "
         f"scenario says DDIM; {args.seeds_sets} seed sets of {len(seed_sets(args.samples, args.seeds_sets)[0])} samples "
@@ -534,6 +546,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default="docs/benchmarks", help="folder for figures and results JSON")
     p.add_argument("--page", default=None, help="markdown page to update (default: <out>/../benchmarks.md)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds comparable)")
+    p.add_argument("--replot", action="store_true",
+                   help="no sampling: redraw the figures and the page section from <out>/quality.json")
     args = p.parse_args(argv)
     args.samples = args.samples or (48 if args.quick else 256)
     args.seeds_sets = args.seeds_sets or (3 if args.quick else 4)
@@ -552,6 +566,26 @@ def main(argv: list[str]) -> int:
     def log(msg):
         print(f"[{time.time() - started:7.1f} s] {msg}", flush=True)
 
+    if args.replot:
+        data = json.loads((out / "quality.json").read_text())
+        meta = data.get("meta", {})
+        scenarios = [s for s in SCENARIOS if s["name"] in data["results"]]
+        for key in ("samples", "seeds_sets", "steps"):
+            setattr(args, key, meta.get(key, getattr(args, key)))
+        figures = make_figures(data["results"], scenarios, out)
+        import datetime
+
+        mtime = datetime.datetime.fromtimestamp((out / "quality.json").stat().st_mtime, datetime.timezone.utc)
+        date = meta.get("date") or f"results written {mtime.strftime('%Y-%m-%d %H:%M UTC')}"
+        text = page_section(args, meta.get("argv", []), data["scale"], data["sweep"], data["results"], scenarios,
+                            figures, meta.get("wall", float("nan")), date, meta.get("revision"))
+        text = text.replace("\n\nSetting:", f"\n\nFigures and this section re-drawn on {now()} from quality.json by "
+                            f"`zmagic bench quality -- --replot` (no new sampling).\n\nSetting:", 1)
+        write_section(page, "quality", text)
+        log(f"re-plotted from {out / 'quality.json'}; wrote {page}")
+        return 0
+    meta = {"argv": list(argv), "samples": args.samples, "seeds_sets": args.seeds_sets, "steps": args.steps,
+            "date": now(), "revision": revision()}
     world = ShapesModel(32)
     if args.scale is None:
         scale, sweep_rows = sweep(world, args.sweep_samples, args.steps, args.batch_size, log)
@@ -577,14 +611,12 @@ def main(argv: list[str]) -> int:
                 f"on-manifold {fmt([r['on_manifold'] for r in runs], 2, False)}, "
                 f"cos exact {[round(float(x), 2) for x in nanmean([r['cos_exact_band'] for r in runs])]}, "
                 f"{sum(r['cpu_seconds'] for r in runs):.1f} s cpu")
-        (out / "quality.json").write_text(json.dumps({"scale": scale, "sweep": sweep_rows, "results": results}))
-    figures = {"energies": {}}
-    for f, sc in zip(figure_energies(results, out), scenarios):
-        figures["energies"][slug(sc["name"])] = f
-    figures["joint"] = figure_joint(results, out)
-    figures["cosine_conditions"] = figure_condition_cosine(results, out)
-    figures["cosine_exact"] = figure_cosine_exact(results, out)
-    text = page_section(args, list(argv), scale, sweep_rows, results, scenarios, figures, time.time() - started)
+        meta["wall"] = time.time() - started
+        (out / "quality.json").write_text(json.dumps({"scale": scale, "sweep": sweep_rows, "results": results,
+                                                      "meta": meta}))
+    figures = make_figures(results, scenarios, out)
+    text = page_section(args, list(argv), scale, sweep_rows, results, scenarios, figures, time.time() - started,
+                        meta["date"], meta["revision"])
     write_section(page, "quality", text)
     log(f"wrote {page} and figures in {out}")
     return 0
