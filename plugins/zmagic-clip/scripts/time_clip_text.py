@@ -57,6 +57,15 @@ def main(repeats: int = 5):
                 xg = x.clone().requires_grad_(True)
                 energy(xg).sum().backward()  # only the input requires grad
 
+            def double():  # the dependent combiner's Hessian term: d/dx |grad E|^2
+                xg = x.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(energy(xg).sum(), xg, create_graph=True)
+                g.pow(2).sum().backward()
+
+            if attention == "math" and batch == 1 and size == 224:
+                dw, dc = best_of(double, repeats)
+                print(f"clip-text ViT-B-16 attention=math batch 1 input 224px: double backward wall "
+                      f"{dw * 1e3:6.0f} ms cpu {dc * 1e3:6.0f} ms")
             fw, fc = best_of(fwd, repeats)
             bw, bc = best_of(fwd_bwd, repeats)
             print(f"clip-text ViT-B-16 attention={attention:4s} batch {batch} input {size}px: "
