@@ -194,7 +194,7 @@ def _checked_options(registration, spec: ComponentSpec, where: str) -> dict:
     if options_model is None:
         return dict(spec.options)
     try:
-        return options_model.model_validate(spec.options).model_dump(exclude_unset=True)
+        return options_model.model_validate(spec.options).model_dump(exclude_unset=True, by_alias=True)
     except ValidationError as exc:
         allowed = ", ".join(options_model.model_fields) or "none"
         raise ConfigError(_format_validation_error(exc, f"{where}.options")
