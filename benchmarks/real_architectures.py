@@ -151,7 +151,8 @@ def main(argv=None):
     parser.add_argument("--sd-size", type=int, default=256, help="SD image side (latents side / 8)")
     parser.add_argument("--decode-size", type=int, default=None, help="SD decode_size option")
     parser.add_argument("--steps", type=int, default=3, help="guided steps timed (the first is warm-up)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared, loaded CPU, OpenMP spinning made 2 threads ~8x slower)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on UNet and VAE")
