@@ -10,8 +10,7 @@ Weights come from one of two places:
 
 Anything that goes wrong raises a :mod:`zmagic_core.errors` error at build time.
 
-NOTE: ``zmagic_style/openclip_loading.py`` is a copy of this file (the two plugins install
-independently); keep them in sync.
+zmagic-style imports this module for its CLIP backbone (it depends on zmagic-clip).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import time
 import torch
 
 from zmagic_style import ClipTokens, StyleEnergy, VggFeatures, vgg19_features
-from zmagic_style.openclip_loading import OPENAI_MEAN, OPENAI_STD, LoadedClip
+from zmagic_clip.loading import OPENAI_MEAN, OPENAI_STD, LoadedClip
 
 
 def best_of(fn, repeats):

@@ -62,7 +62,7 @@ def test_clip_tokens_match_the_original_model(tiny_clip, pictures):
     """Gram of block-2 patch tokens, recomputed with a forward hook on the never-saved model."""
     import torch.nn.functional as F
 
-    from zmagic_style.openclip_loading import OPENAI_MEAN, OPENAI_STD
+    from zmagic_clip.loading import OPENAI_MEAN, OPENAI_STD
 
     _, _, pt, model = tiny_clip
     energy = clip_style(tiny_clip, pictures / "reference.png", checkpoint=str(pt))

@@ -10,7 +10,6 @@ Each backbone maps images (B, 3, H, W) in [-1, 1] to a list of feature maps shap
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zmagic_clip.energy import attention_context
+from zmagic_clip.loading import LoadedClip, offline, reachable
 from zmagic_core.errors import ConfigError, WeightsNotFoundError
 
-from .openclip_loading import LoadedClip, offline, read_state_dict, reachable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,15 +47,6 @@ class Normalize(nn.Module):
         if self.size is not None and images.shape[-2:] != (self.size, self.size):
             images = F.interpolate(images, size=(self.size, self.size), mode="bicubic", align_corners=False)
         return (images - self.shift) / self.scale
-
-
-def attention_context(mode: str):
-    """The math SDPA kernel is twice differentiable (the fused CPU/GPU kernels are not)."""
-    if mode != "math":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 class ClipTokens(nn.Module):

@@ -12,12 +12,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from zmagic_clip.loading import DEFAULT_PRETRAINED, load_open_clip, read_state_dict
 from zmagic_core.components import BuildContext, Energy
 from zmagic_core.errors import ConfigError
 from zmagic_core.images import load_image
 
 from .backbones import GATYS_LAYERS, ClipTokens, VggFeatures, vgg19_weights_file
-from .openclip_loading import DEFAULT_PRETRAINED, load_open_clip, read_state_dict
 
 CLIP_ONLY = ("model", "pretrained", "checkpoint", "model_config_path", "quick_gelu", "block", "attention")
 VGG_ONLY = ("weights", "image_size", "layers")
