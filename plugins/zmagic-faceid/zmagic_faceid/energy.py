@@ -15,10 +15,10 @@ from torch import nn
 from zmagic_core.components import BuildContext, Energy
 from zmagic_core.errors import ConfigError
 from zmagic_core.images import load_image
+from zmagic_core.weights import find_weights, load_strict, read_state_dict
 
 from .faces import Box, check_box, crop_resize, detect_face, fixed_crop_256, square_box
 from .irse import IR_SE50_UNITS, IR_SE50_WIDTHS, IRSEBackbone
-from .weights import find_weights, load_strict, read_state_dict
 
 ARCFACE_FILE = "model_ir_se50.pth"
 ARCFACE_HOW_TO_GET = (

@@ -1,12 +1,22 @@
 """Finding and safely loading weight files (safetensors, or torch.load with weights_only=True).
 
-(A copy of zmagic_faceid.weights, kept here so the two plugins install independently.)
+Shared by the plugins whose networks load plain state dicts (zmagic-faceid, zmagic-landmark); each
+plugin keeps its own file names, download URLs and instructions and passes them in.
+
+* :func:`find_weights`: the ``weights`` option as given, else ``filename`` in $ZMAGIC_WEIGHTS_DIR,
+  ~/.cache/zmagic/weights, the torch hub checkpoint folder (in that order), else an optional download;
+  a :class:`~zmagic_core.errors.WeightsNotFoundError` names every place searched.
+* :func:`read_state_dict`: tensors only (``.safetensors``, or ``torch.load(weights_only=True)``:
+  pickled code is refused); an :class:`~zmagic_core.errors.InputError` otherwise.
+* :func:`load_strict`: ``load_state_dict(strict=True)`` with an error listing the mismatched keys.
+
+safetensors is imported only when a ``.safetensors`` file is read.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -63,15 +73,20 @@ def find_weights(what: str, filename: str, explicit: Optional[str], how_to_get: 
                                f"Put the file in one of those folders, set ${WEIGHTS_DIR_ENV}, or pass 'weights'.")
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors file or a torch pickle loaded with weights_only=True.
 
     Unwraps {'state_dict': ...} / {'model': ...} checkpoints and strips a DataParallel 'module.' prefix.
     """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise InputError(f"cannot read weights file {path}: reading .safetensors files needs the "
+                             f"safetensors package (pip install safetensors)") from None
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path), device="cpu")
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
