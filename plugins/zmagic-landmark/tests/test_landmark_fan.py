@@ -7,7 +7,7 @@ from zmagic_core.components import BuildContext
 from zmagic_core.errors import InputError, WeightsNotFoundError
 from zmagic_core.images import load_image
 from zmagic_landmark.energy import build_landmark
-from zmagic_landmark.faces import detect_face
+from zmagic_faceid.faces import detect_face
 from zmagic_landmark.networks import soft_argmax
 
 CTX = BuildContext()

@@ -9,7 +9,7 @@ from zmagic_core.components import BuildContext
 from zmagic_core.errors import ConfigError, InputError
 from zmagic_core.images import load_image
 from zmagic_landmark.energy import build_landmark
-from zmagic_landmark.faces import detect_face
+from zmagic_faceid.faces import detect_face
 
 CTX = BuildContext()
 

@@ -16,8 +16,8 @@ from torch import nn
 from zmagic_core.components import BuildContext, Energy
 from zmagic_core.errors import ConfigError
 from zmagic_core.images import load_image
+from zmagic_faceid.faces import Box, check_box, crop_resize, detect_face, square_box
 
-from .faces import Box, check_box, crop_resize, detect_face, square_box
 from .networks import FANLandmarks, ONetLandmarks
 from .points import read_points
 
