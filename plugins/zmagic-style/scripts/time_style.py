@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from zmagic_style import ClipTokens, StyleEnergy, VggFeatures, vgg19_features
 from zmagic_clip.loading import OPENAI_MEAN, OPENAI_STD, LoadedClip
+from zmagic_style import ClipTokens, StyleEnergy, VggFeatures, vgg19_features
 
 
 def best_of(fn, repeats):
