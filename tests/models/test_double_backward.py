@@ -148,3 +148,32 @@ def test_math_kernel_policy(monkeypatch):
     for create_graph in (False, True):
         evaluate(Probe(), torch.randn(1, 3, 4, 4), 10, 0.9, [], [], create_graph=create_graph)
     assert seen == [False, True]  # read from the core's evaluate(create_graph=...)
+
+
+def test_without_the_math_kernel_double_backward_fails_on_cpu(pixel_dir):
+    """Why the policy exists: the fused CPU attention kernel has no double backward."""
+    build = MODEL_FACTORIES["diffusers-pixel"]
+    x = torch.randn(1, 3, 8, 8)
+    for attention, works in (("auto", True), ("default", False)):
+        model = build(BuildContext(), id=str(pixel_dir), attention=attention)
+        leaf = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model.eps(leaf, 300).pow(2).sum(), leaf, create_graph=True)
+        if works:
+            torch.autograd.grad(g.pow(2).sum(), leaf)
+        else:
+            with pytest.raises(RuntimeError):
+                torch.autograd.grad(g.pow(2).sum(), leaf)
+
+
+def test_stable_diffusion_half_weights_keep_float32_outputs(sd_dir):
+    model = build_sd(sd_dir, dtype="bfloat16")
+    assert next(model.unet.parameters()).dtype == torch.bfloat16
+    assert next(model.vae.parameters()).dtype == torch.bfloat16
+    x = torch.randn(1, *model.sample_shape, requires_grad=True)
+    eps = model.eps(x, 300)
+    image = model.decode(x)
+    assert eps.dtype == torch.float32 and image.dtype == torch.float32
+    (g,) = torch.autograd.grad(image.pow(2).sum() + eps.pow(2).sum(), x)
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+    mixed = build_sd(sd_dir, dtype="bfloat16", vae_dtype="float32")
+    assert next(mixed.vae.parameters()).dtype == torch.float32
