@@ -178,7 +178,7 @@ class StableDiffusionOptions(BaseModel):
     device: Optional[str] = None
     gradient_checkpointing: bool = Field(False, description="checkpoint UNet blocks and VAE decoder blocks")
     decode_size: Optional[int] = Field(
-        None, ge=16, multiple_of=8,
+        None, ge=8, multiple_of=8,
         description="decode guidance passes at this side (e.g. 224): latent resized before the VAE decoder")
     attention: Literal["auto", "math", "default"] = "auto"
     unet_checkpoint: Optional[str] = Field(
