@@ -84,3 +84,29 @@ def test_prompt_condition_alone_is_classifier_free_guidance(sd_model):
             x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
             x = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps
     torch.testing.assert_close(run.samples, x, rtol=1e-4, atol=1e-4)
+
+
+def test_cfg_clean_estimate_option(sd_dir):
+    """clean_estimate: cfg -> energies decode (x - sqrt(1-a) eps_cfg) / sqrt(a); final images unchanged."""
+    import math
+
+    from zmagic_core.guidance import evaluate
+
+    kw = dict(id=str(sd_dir), prompt="a striped painting", guidance_scale=3.0, height=SD_SIZE, width=SD_SIZE)
+    model = MODEL_FACTORIES["stable-diffusion"](BuildContext(), clean_estimate="cfg", **kw)
+    plain = MODEL_FACTORIES["stable-diffusion"](BuildContext(), **kw)
+    prompt = model.model_conditions()[0]
+    energy = GramEnergy(reference_image(SD_SIZE))
+    style = Condition("style", energy, "adaptive", 0.5)
+    x = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(4))
+    t = 600
+    a = float(model.alphas_cumprod[t])
+    ev = evaluate(model, x, t, a, [prompt, style], [True, True])
+    with torch.no_grad():
+        x0_cfg = (x - math.sqrt(1 - a) * model.eps_cfg(x, t)) / math.sqrt(a)
+        torch.testing.assert_close(ev.image, model.decode(x0_cfg), rtol=1e-4, atol=1e-5)
+    ev_plain = evaluate(plain, x, t, a, [plain.model_conditions()[0]], [True])
+    torch.testing.assert_close(ev.grads[0], ev_plain.grads[0], rtol=1e-4, atol=1e-5)  # the prompt's g is the same
+    assert not torch.allclose(ev.grads[1], evaluate(plain, x, t, a, [style], [True]).grads[0])
+    run = Pipeline(tame(model), DDIMSolver(0.0), DependentCombiner(), [style], steps=4).run([0], progress=False)
+    assert not run.errors and run.images.shape == (1, 3, SD_SIZE, SD_SIZE)

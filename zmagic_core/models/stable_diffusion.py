@@ -11,7 +11,8 @@ Choices (METHOD.md sections 1, 2 and 4):
 * Energies see decode(x0|t) with x0|t the Tweedie estimate of that unconditional eps (the same
   clean estimate for every condition, as in METHOD.md section 1).  FreeDoM's SD style code decodes
   the CFG estimate instead; here the prompt's pull on the second energy enters through the
-  dependent combiner's x_hat, which is the paper's point.
+  dependent combiner's x_hat, which is the paper's point.  Option ``clean_estimate="cfg"``
+  gives FreeDoM's choice (see StableDiffusionModel.eps / decode).
 * x_t is the latent (4, H/8, W/8) in the scaled space (VAE latents times ``scaling_factor``);
   decode divides by it and runs the VAE decoder, giving images in [-1, 1].
 * The unconditional and conditional passes run separately (not as one batch of 2B): an energy's
@@ -49,6 +50,9 @@ class PromptCondition(Condition):
     model: Any = field(default=None, repr=False, compare=False)
 
     def _eps_cond(self, ev, grad: bool) -> torch.Tensor:
+        cached = self.model.cached_cond(ev.x, max(ev.t, 0))
+        if cached is not None:  # computed by eps() for clean_estimate "cfg"
+            return cached if grad else cached.detach()
         with torch.set_grad_enabled(grad):
             return self.model.eps_cond(ev.x, max(ev.t, 0))
 
@@ -72,7 +76,7 @@ class StableDiffusionModel(DiffusionModel):
     def __init__(self, unet, vae, cond_embedding: Optional[torch.Tensor], uncond_embedding: torch.Tensor,
                  alphas_cumprod: torch.Tensor, guidance_scale: float = 7.5, height: int = 512, width: int = 512,
                  prediction_type: str = "epsilon", decode_size: Optional[int] = None, attention: str = "auto",
-                 prompt: Optional[str] = None):
+                 prompt: Optional[str] = None, clean_estimate: str = "uncond"):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ConfigError(f"prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
@@ -91,6 +95,11 @@ class StableDiffusionModel(DiffusionModel):
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.sample_shape = (int(unet.config.in_channels), height // factor, width // factor)
         self.decode_size = decode_size
+        if clean_estimate not in ("uncond", "cfg"):
+            raise ConfigError(f"clean_estimate {clean_estimate!r}; expected 'uncond' or 'cfg'")
+        self.clean_estimate = clean_estimate
+        self._pending_shift: Optional[torch.Tensor] = None
+        self._cond_cache: Optional[tuple] = None
         self._conditions = ([PromptCondition("prompt", None, rule="cfg", scale=self.guidance_scale, model=self)]
                             if cond_embedding is not None else [])
 
@@ -114,8 +123,27 @@ class StableDiffusionModel(DiffusionModel):
         return output_to_eps(out, fp32(x), float(self.alphas_cumprod[t]), self.prediction_type)
 
     def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """The unconditional (negative-prompt) prediction; the prompt enters as a condition."""
-        return self._to_eps(self._unet(x_t, t, self.uncond_embedding.expand(x_t.shape[0], -1, -1)), x_t, t)
+        """The unconditional (negative-prompt) prediction; the prompt enters as a condition.
+
+        With ``clean_estimate="cfg"`` (grad mode on, a prompt given) the conditional pass runs
+        here too: the next :meth:`decode` then shifts its input from the unconditional to the CFG
+        Tweedie estimate, and the prompt condition reuses the conditional prediction."""
+        eps_u = self._to_eps(self._unet(x_t, t, self.uncond_embedding.expand(x_t.shape[0], -1, -1)), x_t, t)
+        self._pending_shift, self._cond_cache = None, None
+        if self.clean_estimate == "cfg" and self.cond_embedding is not None and torch.is_grad_enabled():
+            eps_c = self.eps_cond(x_t, t)
+            a = float(self.alphas_cumprod[t])
+            # x0_cfg = (x - sqrt(1-a) eps_cfg) / sqrt(a) = x0_uncond - sqrt((1-a)/a) w (eps_c - eps_u)
+            self._pending_shift = math.sqrt((1.0 - a) / a) * self.guidance_scale * (eps_c - eps_u)
+            self._cond_cache = (x_t, int(t), eps_c)
+        return eps_u
+
+    def cached_cond(self, x_t: torch.Tensor, t: int) -> Optional[torch.Tensor]:
+        """eps_cond at exactly this x_t (same tensor) and t, if eps() computed it."""
+        cache = self._cond_cache
+        if cache is not None and cache[0] is x_t and cache[1] == int(t):
+            return cache[2]
+        return None
 
     def eps_cond(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         """The conditional (prompt) prediction alone."""
@@ -132,7 +160,13 @@ class StableDiffusionModel(DiffusionModel):
 
         With ``decode_size`` and grad mode on (guidance passes), the latent is resized to
         decode_size / 8 first, so the decoder runs at reduced resolution; final images (no grad)
-        are decoded at full size."""
+        are decoded at full size.
+
+        With ``clean_estimate="cfg"``, a guidance pass's decode (the one right after eps(), as in
+        the core's ``guidance.evaluate``) sees the CFG estimate: x0 minus the pending shift."""
+        shift, self._pending_shift = self._pending_shift, None
+        if shift is not None and torch.is_grad_enabled() and shift.shape == x0.shape:
+            x0 = x0 - shift
         z = fp32(x0) / self.scaling_factor + self.shift_factor
         if self.decode_size and torch.is_grad_enabled():
             side = max(self.decode_size // self.vae_factor, 1)
@@ -181,6 +215,10 @@ class StableDiffusionOptions(BaseModel):
         None, ge=8, multiple_of=8,
         description="decode guidance passes at this side (e.g. 224): latent resized before the VAE decoder")
     attention: Literal["auto", "math", "default"] = "auto"
+    clean_estimate: Literal["uncond", "cfg"] = Field(
+        "uncond", description="what energies decode: the unconditional Tweedie estimate (default, one clean "
+                              "estimate for all conditions) or the CFG one (FreeDoM's SD code; +1 UNet pass "
+                              "per evaluation, energy gradients through both passes)")
     unet_checkpoint: Optional[str] = Field(
         None, description="single-file UNet state dict in diffusers key names (.safetensors preferred)")
 
@@ -221,7 +259,7 @@ def build_stable_diffusion(context: BuildContext, **options) -> StableDiffusionM
     model = StableDiffusionModel(unet, vae, cond, uncond, alphas_cumprod_from_config(config),
                                  opts.guidance_scale, opts.height, opts.width,
                                  config.get("prediction_type", "epsilon"), opts.decode_size, opts.attention,
-                                 opts.prompt)
+                                 opts.prompt, opts.clean_estimate)
     return model.to(device)
 
 
