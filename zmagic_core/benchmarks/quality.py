@@ -220,6 +220,12 @@ def run_method(world: ShapesModel, scenario: dict, method: str, seeds: list[int]
     ev = evaluate_samples(world, result.samples, energies, names)
     summary = ev["summary"]
     good = sum(s["joint"] and s["on_manifold"] for s in ev["samples"]) / max(len(ev["samples"]), 1)
+    finite_energy, nonfinite_energy = {}, {}
+    for n in names:  # a diverged sample (non-finite x0) would make the mean infinite: count it apart
+        vals = [s["energy"][n] for s in ev["samples"]]
+        ok = [v for v in vals if math.isfinite(v)]
+        finite_energy[n] = float(np.mean(ok)) if ok else float("nan")
+        nonfinite_energy[n] = len(vals) - len(ok)
     band_cos = [[] for _ in BANDS]
     for t, vals in recorder.cos_exact.items():
         band_cos[band_of(t)].append(torch.cat(vals))
@@ -231,7 +237,7 @@ def run_method(world: ShapesModel, scenario: dict, method: str, seeds: list[int]
     return {
         "method": method, "seeds": [seeds[0], seeds[-1]], "cpu_seconds": cpu,
         "joint": summary["joint_satisfaction"], "joint_on_manifold": good,
-        "satisfaction": summary["satisfaction"], "final_energy": summary["mean_energy"],
+        "satisfaction": summary["satisfaction"], "final_energy": finite_energy, "final_energy_nonfinite": nonfinite_energy,
         "on_manifold": summary["on_manifold"], "coverage": summary["coverage"], "tv": summary["tv_to_target"],
         "satisfying_prototypes": summary["satisfying_prototypes"],
         "cos_exact_band": [float(torch.cat(b).nanmean()) if b else float("nan") for b in band_cos],
@@ -454,7 +460,7 @@ def page_section(args, argv, scale, sweep_rows, results, scenarios, figures, wal
         "",
         "Metrics (zmagic_core.shapes.evaluate): *joint* = rate of samples whose nearest prototype satisfies every "
         "condition (p(c_i|k) >= half the best); *joint & on-manifold* = the same and within 2 sigma0 RMS of that prototype; "
-        "*E(c)* = mean final energy of the condition on x0; *on-man.* = on-manifold rate; *coverage* = share of the "
+        "*E(c)* = mean final energy of the condition on x0 (over the samples where it is finite; the others are counted); *on-man.* = on-manifold rate; *coverage* = share of the "
         "satisfying prototypes hit; *TV* = total variation between the satisfying samples' prototype histogram and "
         "the exact conditional (uniform over the satisfying prototypes); *cos exact* = cosine between the method's "
         "combined guidance G and the exact grad log p(c_1..c_n | x_t) = s_cond(x_t) - s(x_t), per band of t, averaged "
@@ -504,7 +510,9 @@ def page_section(args, argv, scale, sweep_rows, results, scenarios, figures, wal
         ]
         for method, runs in methods.items():
             cells = [fmt([r["joint"] for r in runs]), fmt([r["joint_on_manifold"] for r in runs])]
-            cells += [fmt([r["final_energy"][n] for r in runs], 3, False) for n in names]
+            for n in names:
+                bad = sum(r.get("final_energy_nonfinite", {}).get(n, 0) for r in runs)
+                cells.append(fmt([r["final_energy"][n] for r in runs], 3, False) + (f" ({bad} non-finite)" if bad else ""))
             cells += [fmt([r["on_manifold"] for r in runs], 2, False), fmt([r["coverage"] for r in runs], 2, False),
                       fmt([r["tv"] for r in runs], 2, False)]
             if method in ("none", "oracle"):
