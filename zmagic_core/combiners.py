@@ -81,7 +81,8 @@ class DependentCombiner(Combiner):
     def combine(self, step):
         if len(step.conditions) < 2:  # the other condition is outside its window
             return SumCombiner().combine(step)
-        ev = step.base(create_graph=self.hessian)
+        # Only g1 is differentiated again; g2 at x_t is kept for the trace (Figure 1's cosine).
+        ev = step.base(create_graph=[self.hessian, False])
         (g21,) = conditional_gradients(step, ev, 0, [1], self.hessian, self.level)
         g1 = ev.grads[0].detach()
         return Combined(g1 + g21, {"cos(g1,g2|1)": cosine(g1, g21)})

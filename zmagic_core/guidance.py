@@ -6,13 +6,36 @@ gradient with respect to x_t.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
 STEP_RULES = ("fixed", "constant", "adaptive")
+
+_DOUBLE_BACKWARD: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar(
+    "zmagic_double_backward", default=None)
+
+
+@contextlib.contextmanager
+def double_backward_pass(enabled: bool = True):
+    """Declare whether network passes inside this block may be differentiated twice.
+
+    Models read it (:func:`double_backward_expected`) to pick attention kernels that support a
+    second derivative only when one will be taken."""
+    token = _DOUBLE_BACKWARD.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _DOUBLE_BACKWARD.reset(token)
+
+
+def double_backward_expected() -> Optional[bool]:
+    """True/False inside :func:`double_backward_pass` (every guidance pass is one), else None."""
+    return _DOUBLE_BACKWARD.get()
 
 
 def rms(v: torch.Tensor) -> torch.Tensor:
@@ -82,21 +105,24 @@ class Evaluation:
 
 
 def evaluate(model, x: torch.Tensor, t: int, abar: float, conditions: list[Condition],
-             guided: list[bool], create_graph: bool = False) -> Evaluation:
+             guided: list[bool], create_graph: Union[bool, Sequence[bool]] = False) -> Evaluation:
     """One network pass at (x, t); g_i for every condition flagged in ``guided``, energies for all.
 
-    With ``create_graph`` the g_i stay differentiable in x (needed for the Hessian term).
+    ``create_graph`` (one flag, or one per condition) keeps those g_i differentiable in x, for
+    the Hessian term; only the conditions that need it pay for a second derivative.
     """
+    single = isinstance(create_graph, bool)
+    graphs = [create_graph] * len(conditions) if single else list(create_graph)
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), double_backward_pass(create_graph if single else any(graphs)):
         eps = model.eps(x, max(t, 0)).float()
         score = -eps / math.sqrt(1.0 - abar) if abar < 1.0 else torch.zeros_like(eps)
         x0 = (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
         image = model.decode(x0).float()
         ev = Evaluation(x, t, abar, eps, score, x0, image)
-        for cond, wanted in zip(conditions, guided):
+        for cond, wanted, graph in zip(conditions, guided, graphs):
             if wanted:
-                energy, g = cond.guidance(ev, create_graph)
+                energy, g = cond.guidance(ev, graph)
             else:
                 energy, g = cond.energy_only(ev), None
             ev.energies.append(energy)
@@ -109,7 +135,7 @@ class GuidanceStep:
     """What a combiner sees for one solver step: the point, the levels, the solver map and z.
 
     ``conditions`` are the active ones, in recipe order.  :meth:`base` evaluates them at x_t
-    (cached; asking again with ``create_graph`` recomputes with the graph kept).
+    (cached; asking for a graph the cached evaluation lacks recomputes it).
     """
 
     model: object
@@ -122,13 +148,17 @@ class GuidanceStep:
     abar_next: float
     z: torch.Tensor
     _base: Optional[Evaluation] = None
-    _base_graph: bool = False
+    _base_graphs: tuple = ()
 
-    def base(self, create_graph: bool = False) -> Evaluation:
-        if self._base is None or (create_graph and not self._base_graph):
+    def base(self, create_graph: Union[bool, Sequence[bool]] = False) -> Evaluation:
+        """Every active condition's g_i at x_t; ``create_graph``: one flag or one per condition."""
+        n = len(self.conditions)
+        wanted = tuple([create_graph] * n if isinstance(create_graph, bool) else create_graph)
+        have = self._base_graphs or (False,) * n
+        if self._base is None or any(w and not h for w, h in zip(wanted, have)):
             self._base = evaluate(self.model, self.x, self.t, self.abar_t, self.conditions,
-                                  [True] * len(self.conditions), create_graph=create_graph)
-            self._base_graph = create_graph
+                                  [True] * n, create_graph=list(wanted))
+            self._base_graphs = wanted
         return self._base
 
     def phi(self, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:

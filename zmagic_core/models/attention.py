@@ -10,62 +10,24 @@ Policy (option ``attention`` of the diffusers model kinds):
 
 * ``auto`` (default): MATH only while grad mode is on and a double backward may follow.  On the
   CPU that is every grad-mode pass (the fused CPU kernel gains little).  On CUDA it is only a
-  pass that keeps its graph for a second derivative: inside :func:`double_backward_pass`, or,
-  when the core's ``zmagic_core.guidance.evaluate`` is the caller, when its ``create_graph``
-  argument is true.  Plain inference and first-order guidance keep the fast kernels.
+  pass that keeps its graph for a second derivative: inside
+  ``zmagic_core.guidance.double_backward_pass(True)``, which the core's ``evaluate`` declares
+  whenever one of its conditions asks for ``create_graph``.  Plain inference and first-order
+  guidance keep the fast kernels.
 * ``math``: always MATH.  ``default``: never force anything (PyTorch chooses).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import sys
-from typing import Optional
 
 import torch
 
+from ..guidance import double_backward_expected, double_backward_pass  # noqa: F401  (re-exported)
+
 ATTENTION_POLICIES = ("auto", "math", "default")
 
-_DOUBLE_BACKWARD: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar(
-    "zmagic_double_backward", default=None)
 _MATH_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("zmagic_math_active", default=False)
-
-
-@contextlib.contextmanager
-def double_backward_pass(enabled: bool = True):
-    """Declare that network passes inside this block may be differentiated twice (or not)."""
-    token = _DOUBLE_BACKWARD.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _DOUBLE_BACKWARD.reset(token)
-
-
-def evaluate_frame_locals(max_depth: int = 8) -> Optional[dict]:
-    """The local variables of the nearest ``zmagic_core.guidance.evaluate`` call on the stack.
-
-    This is how a model learns, without a core change, whether the pass it is running will be
-    differentiated twice (``create_graph``) and which conditions are asked for.
-    """
-    frame = sys._getframe(1)
-    for _ in range(max_depth):
-        frame = frame.f_back
-        if frame is None:
-            return None
-        if frame.f_code.co_name == "evaluate" and frame.f_globals.get("__name__") == "zmagic_core.guidance":
-            return frame.f_locals
-    return None
-
-
-def double_backward_expected() -> Optional[bool]:
-    """True/False when known (explicit block, or the core's evaluate), None when unknown."""
-    explicit = _DOUBLE_BACKWARD.get()
-    if explicit is not None:
-        return explicit
-    found = evaluate_frame_locals()
-    if found is not None:
-        return bool(found.get("create_graph", False))
-    return None
 
 
 def use_math_kernel(device: torch.device, policy: str = "auto") -> bool:
