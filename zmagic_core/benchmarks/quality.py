@@ -450,7 +450,7 @@ def page_section(args, argv, scale, sweep_rows, results, scenarios, figures, wal
         f"Command: `{command('quality', argv)}`  ",
         f"Machine: {machine()}  ",
         f"Code: git {rev or 'unknown'}  ",
-        f"Date: {date or now()}; wall time {wall / 60:.1f} min (nan: not recorded; CPU shared with other jobs: compare CPU seconds within this run only).",
+        f"Date: {date or now()}; wall time {'not recorded' if math.isnan(wall) else f'{wall / 60:.1f} min'} (CPU shared with other jobs: compare CPU seconds within this run only).",
         "",
         f"Setting: shapes world (32 px, K = 108 prototypes, sigma0 = 0.1), {args.steps} ancestral (DDPM) steps unless the "
         f"scenario says DDIM; {args.seeds_sets} seed sets of {len(seed_sets(args.samples, args.seeds_sets)[0])} samples "
@@ -458,7 +458,7 @@ def page_section(args, argv, scale, sweep_rows, results, scenarios, figures, wal
         "samples per method and scenario. Figures in tables: mean over the seed sets [min, max over the seed sets]. "
         "Every condition is active at every step (no window, no time travel).",
         "",
-        "Reduced to fit a 2-core CPU (the full default took about 35 minutes there): CAGrad with c = 0.8 runs "
+        "Reduced to fit a 2-core CPU (the full default took 14 to 35 minutes there, depending on the load from other jobs): CAGrad with c = 0.8 runs "
         "only on the first scenario; the DDIM scenario runs one order of the dependent combiner and one CAGrad; "
         "the 3-condition set runs sum and CAGrad c = 0.5, the 4-condition set sum and CAGrad c = 0 (12 pair "
         "gradients per step); the dependent combiner takes exactly two conditions, so it is absent there. "
