@@ -318,10 +318,15 @@ def _plt():
     return plt
 
 
-def _curve(ax, ts, runs, label, style="-"):
+def method_color(method: str) -> str:
+    """The same colour for a method in every figure."""
+    return f"C{ALL_METHODS.index(method) % 10}" if method in ALL_METHODS else "k"
+
+
+def _curve(ax, ts, runs, label, style="-", color=None):
     arr = np.array(runs, dtype=float)
     mean = nanmean(arr)
-    (line,) = ax.plot(ts, mean, style, label=label, lw=1.2)
+    (line,) = ax.plot(ts, mean, style, label=label, lw=1.2, color=color)
     if len(arr) > 1:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -339,7 +344,8 @@ def figure_energies(results: dict, out: Path) -> list[str]:
             ax = axes[0, k]
             for method, runs in methods.items():
                 ts = runs[0]["timesteps"]
-                _curve(ax, ts, [r["energy_step"][n] for r in runs], method, "--" if method in ("none", "oracle") else "-")
+                _curve(ax, ts, [r["energy_step"][n] for r in runs], method,
+                       "--" if method in ("none", "oracle") else "-", method_color(method))
             ax.set_xlim(1000, 0)
             ax.set_xlabel("t (energy of the clean estimate after the step)")
             ax.set_ylabel(f"energy {n}")
@@ -386,18 +392,26 @@ def figure_condition_cosine(results: dict, out: Path) -> Optional[str]:
 def figure_cosine_exact(results: dict, out: Path) -> str:
     plt = _plt()
     n = len(results)
-    fig, axes = plt.subplots(1, n, figsize=(3.8 * n, 3.3), squeeze=False)
-    for ax, (sc_name, methods) in zip(axes[0], results.items()):
+    cols = min(n + 1, 4)
+    rows = -(-(n + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.1 * rows), squeeze=False)
+    flat = list(axes.flat)
+    seen = {}
+    for ax, (sc_name, methods) in zip(flat, results.items()):
         for method, runs in methods.items():
             if method in ("none", "oracle"):
                 continue
-            _curve(ax, runs[0]["timesteps"], [r["cos_exact_step"] for r in runs], method)
+            _curve(ax, runs[0]["timesteps"], [r["cos_exact_step"] for r in runs], method, "-", method_color(method))
+            seen[method] = ax.lines[-1]
+        ax.axhline(0, color="k", lw=0.5)
         ax.set_xlim(1000, 0)
         ax.set_ylim(-0.5, 1)
         ax.set_xlabel("t")
+        ax.set_ylabel("cos(G, exact grad log p(c|x_t))", fontsize=7)
         ax.set_title(sc_name, fontsize=9)
-    axes[0, 0].set_ylabel("cos(G, exact grad log p(c|x_t))")
-    axes[0, -1].legend(fontsize=6)
+    for ax in flat[n:]:
+        ax.axis("off")
+    flat[-1].legend(list(seen.values()), list(seen), fontsize=8, loc="center")
     fig.tight_layout()
     fig.savefig(out / "cosine_exact.png", dpi=100)
     plt.close(fig)
