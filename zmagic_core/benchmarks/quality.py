@@ -189,8 +189,7 @@ def run_method(world: ShapesModel, scenario: dict, method: str, seeds: list[int]
     solver = DDIMSolver(0.0) if scenario.get("solver") == "ddim" else DDPMSolver()
     pipe = Pipeline(model, solver, recorder, conditions, steps)
     timesteps = pipe.schedule.timesteps
-    energy_sum = np.zeros((len(names), steps))
-    counts = np.zeros(steps)
+    energy_values: list[list[list[float]]] = [[[] for _ in range(steps)] for _ in names]  # [cond][step][sample]
     cond_cos: dict[str, np.ndarray] = {}
     cond_cos_n = np.zeros(steps)
 
@@ -204,8 +203,7 @@ def run_method(world: ShapesModel, scenario: dict, method: str, seeds: list[int]
             else:
                 x0 = x
             for k, e in enumerate(energies):
-                energy_sum[k, i] += float(e(x0).sum())
-        counts[i] += x.shape[0]
+                energy_values[k][i].extend(e(x0).tolist())
         for rec in info["record"]:
             items = dict(rec.get("cosine", {}))
             if "cos(g1,g2|1)" in rec:
@@ -244,7 +242,11 @@ def run_method(world: ShapesModel, scenario: dict, method: str, seeds: list[int]
         "cos_dependence_band": [float(torch.cat(b).nanmean()) if b else float("nan") for b in band_dep],
         "cos_exact_step": per_step_exact, "nonfinite_steps": recorder.nonfinite,
         "target_joint": target_joint(world, energies),
-        "energy_step": {n: (energy_sum[k] / np.maximum(counts, 1)).tolist() for k, n in enumerate(names)},
+        # per step over the samples: the median (what the figure shows; robust to a diverged sample) and the
+        # mean over the samples whose energy is finite
+        "energy_step": {n: [float(np.median(v)) for v in energy_values[k]] for k, n in enumerate(names)},
+        "energy_step_mean": {n: [float(np.mean([x for x in v if math.isfinite(x)] or [math.nan]))
+                                 for v in energy_values[k]] for k, n in enumerate(names)},
         "cond_cos_step": {k: (v / np.maximum(cond_cos_n, 1)).tolist() for k, v in cond_cos.items()},
         "timesteps": timesteps,
         "errors": len(result.errors),
@@ -348,7 +350,7 @@ def figure_energies(results: dict, out: Path) -> list[str]:
                        "--" if method in ("none", "oracle") else "-", method_color(method))
             ax.set_xlim(1000, 0)
             ax.set_xlabel("t (energy of the clean estimate after the step)")
-            ax.set_ylabel(f"energy {n}")
+            ax.set_ylabel(f"median energy {n}")
             ax.set_yscale("symlog", linthresh=0.01)
             ax.set_ylim(bottom=0)
             ax.set_title(f"{sc_name}: {n}")
@@ -546,7 +548,10 @@ def page_section(args, argv, scale, sweep_rows, results, scenarios, figures, wal
             dep = [fmt([r["cos_dependence_band"][b] for r in methods["sum"]], 2, False) for b in range(len(BANDS))]
             lines += ["", "Dependence along the sum trajectories (cos between exact joint and sum of exact single "
                       "gradients) per band " + ", ".join(f"t{b}: {d}" for b, d in zip(BAND_NAMES, dep)) + "."]
-        lines += ["", f"![energies over the steps, {sc['name']}](benchmarks/{figures['energies'][slug(sc['name'])]})", ""]
+        lines += ["", f"![energies over the steps, {sc['name']}](benchmarks/{figures['energies'][slug(sc['name'])]})", "",
+                  "Paper Figure 3: each condition's energy on the base model's clean estimate after every step, "
+                  "median over the samples of a seed set (a few diverged samples dominate the mean; quality.json "
+                  "has both), line: mean of the seed sets' medians, band: their min..max.", ""]
     lines += ["### Figures", ""]
     lines += [f"![joint satisfaction per method](benchmarks/{figures['joint']})", "",
               "Joint satisfaction (blue) and joint & on-manifold rate (orange) per method; bars: mean over the seed "
