@@ -425,7 +425,8 @@ def parse(argv):
 
 
 def main(argv: list[str]) -> int:
-    args = parse(list(argv))
+    argv = [a for a in argv if a != "--"]  # `zmagic bench X -- ARGS`: the separator may be passed through
+    args = parse(argv)
     if args.child_model:
         return child(args)
     import torch

@@ -589,7 +589,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    args = parse(list(argv))
+    argv = [a for a in argv if a != "--"]  # `zmagic bench X -- ARGS`: the separator may be passed through
+    args = parse(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
