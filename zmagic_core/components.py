@@ -4,6 +4,7 @@ Plugins subclass these (or follow them by duck typing); the pipeline only talks 
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -21,7 +22,7 @@ class BuildContext:
     seed: int = 0
 
 
-class DiffusionModel(nn.Module):
+class DiffusionModel(nn.Module, metaclass=abc.ABCMeta):
     """An epsilon-prediction network eps(x_t, t) on a discrete VP schedule.
 
     Subclasses set ``alphas_cumprod`` (a float64 buffer of length T) and ``sample_shape``
@@ -32,8 +33,9 @@ class DiffusionModel(nn.Module):
     sample_shape: tuple[int, ...] = ()
     alphas_cumprod: torch.Tensor
 
-    def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """The network's noise prediction at level t, float32, shaped like x_t."""
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return x0
@@ -50,25 +52,27 @@ class DiffusionModel(nn.Module):
         return int(self.alphas_cumprod.shape[0])
 
 
-class Energy(nn.Module):
+class Energy(nn.Module, metaclass=abc.ABCMeta):
     """E(images) >= 0, one value per sample; images are (B, 3, H, W) in [-1, 1].
 
     Must be differentiable in the images.  Problems with references (missing file, no face)
     are raised by the factory, before sampling starts.
     """
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Energies (B,) of images (B, 3, H, W) in [-1, 1]."""
 
 
-class Solver:
+class Solver(abc.ABC):
     """A reverse step as a map x_t' = Phi_t(x_t, score, z), differentiable in x_t and score."""
 
     corrector_steps: int = 0
 
+    @abc.abstractmethod
     def step(self, x: torch.Tensor, score: torch.Tensor, z: torch.Tensor,
-             abar_t: float, abar_next: float) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+             abar_t: float, abar_next: float) -> torch.Tensor:
+        """x_t' from x_t, the (guided) score and this step's noise z."""
 
     def correct(self, x: torch.Tensor, score: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """One corrector move at the new level (predictor-corrector solvers only)."""
@@ -83,14 +87,15 @@ class Combined:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-class Combiner:
+class Combiner(abc.ABC):
     """Turns the per-condition guidance into one G for the step (see guidance.GuidanceStep)."""
 
     min_conditions: int = 1
     max_conditions: Optional[int] = None
 
-    def combine(self, step: "GuidanceStep") -> Combined:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def combine(self, step: "GuidanceStep") -> Combined:
+        """The guidance G for this step."""
 
 
 from .guidance import Condition, GuidanceStep  # noqa: E402  (type names used above)
