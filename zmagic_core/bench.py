@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 
+import argparse
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="quality and cost benchmarks (see docs/benchmarks.md)")
     p.add_argument("which", choices=["quality", "cost"])
-    p.add_argument("rest", nargs="*", help="arguments passed to the benchmark")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (e.g. --quick)")
     p.set_defaults(func=_run)
 
 
