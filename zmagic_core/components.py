@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # annotation names only
+    from .guidance import Condition, GuidanceStep
 
 
 @dataclass
@@ -97,5 +100,3 @@ class Combiner(abc.ABC):
     def combine(self, step: "GuidanceStep") -> Combined:
         """The guidance G for this step."""
 
-
-from .guidance import Condition, GuidanceStep  # noqa: E402  (type names used above)
