@@ -150,3 +150,18 @@ def test_sum_is_sum_of_guidance_terms(setup):
     expected = sum(guidance_fn(model, c, T, a_t)(x[0]).detach() for c in conds)
     G = SumCombiner().combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0]
     torch.testing.assert_close(G, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cap_bounds_the_conditional_term_and_none_is_the_paper(setup):
+    model, conds, x, z = setup
+    sched = Schedule(model.alphas_cumprod, 100)
+    a_t, a_n = sched.abar(T), sched.abar(T_NEXT)
+    g1 = guidance_fn(model, conds[0], T, a_t)(x[0]).detach()
+    x_hat = DDPMSolver().step(x, model.score(x, T) + g1[None], z, a_t, a_n)
+    g_tilde = guidance_fn(model, conds[1], T_NEXT, a_n)(x_hat[0].detach()).detach()
+    free = DependentCombiner().combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0] - g1
+    ratio = float(free.norm() / g_tilde.norm())
+    loose = DependentCombiner(cap=2 * ratio).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0] - g1
+    torch.testing.assert_close(loose, free)  # a cap above the actual ratio changes nothing
+    tight = DependentCombiner(cap=0.5 * ratio).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0] - g1
+    torch.testing.assert_close(tight, 0.5 * free, rtol=1e-5, atol=1e-6)  # same direction, half the length

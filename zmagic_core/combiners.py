@@ -1,7 +1,7 @@
 """Gradient combiners (METHOD.md section 4): sum, dependent (Algorithm 1), cagrad (Algorithm 2)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,17 +18,29 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def conditional_gradients(step: GuidanceStep, ev: Evaluation, first: int, seconds: list[int],
-                          hessian: bool, level: str) -> list[torch.Tensor]:
+                          hessian: bool, level: str, cap: Optional[float] = None) -> list[torch.Tensor]:
     """g_{j|i} for one first condition i and several second conditions j (Algorithm 1, steps 2-4).
 
     x_hat = Phi_t(x_t, s(x_t) + g_i, z) is built once and shared by every j; each g_{j|i} is the
     vector-Jacobian product of that map with stopgrad(g_tilde_j), so no Jacobian or Hessian is
     ever formed.  Without ``hessian`` g_i enters as a constant, dropping the H_i term.
+    With ``cap``, each g_{j|i} is scaled down per sample to at most cap * ||g_tilde_j||.
     """
     g_first = ev.grads[first] if hessian else ev.grads[first].detach()
     x_hat = step.phi(ev.x, ev.score + g_first)
     tilde = step.evaluate(x_hat.detach(), level, seconds)
-    return vector_jacobian_products(x_hat, ev.x, [g.detach() for g in tilde.grads])
+    tildes = [g.detach() for g in tilde.grads]
+    vjps = vector_jacobian_products(x_hat, ev.x, tildes)
+    if cap is not None:
+        vjps = [_capped(v, cap * g.flatten(1).norm(dim=1)) for v, g in zip(vjps, tildes)]
+    return vjps
+
+
+def _capped(v: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """v scaled per sample so that its norm is at most ``limit``."""
+    norm = v.flatten(1).norm(dim=1)
+    factor = torch.where(norm > limit, limit / norm.clamp_min(1e-30), torch.ones_like(norm))
+    return v * factor.view(-1, *([1] * (v.ndim - 1)))
 
 
 def vector_jacobian_products(output: torch.Tensor, inputs: torch.Tensor,
@@ -63,6 +75,9 @@ class DependentOptions(BaseModel):
     hessian: bool = Field(True, description="keep the H_1 g_tilde term (False: g_1 detached in x_hat)")
     level: Literal["t_next", "t"] = Field(
         "t_next", description="level at which the second condition is evaluated on x_hat")
+    cap: Optional[float] = Field(None, gt=0, description=(
+        "cap ||g_{2|1}|| at cap * ||g_tilde|| per sample; None (default) is the paper's update. The Hessian "
+        "term is unbounded when the adaptive rho_1 is large (see docs/benchmarks.md)"))
 
 
 class DependentCombiner(Combiner):
@@ -75,15 +90,15 @@ class DependentCombiner(Combiner):
     min_conditions = 2
     max_conditions = 2
 
-    def __init__(self, hessian: bool = True, level: str = "t_next"):
-        self.hessian, self.level = hessian, level
+    def __init__(self, hessian: bool = True, level: str = "t_next", cap: Optional[float] = None):
+        self.hessian, self.level, self.cap = hessian, level, cap
 
     def combine(self, step):
         if len(step.conditions) < 2:  # the other condition is outside its window
             return SumCombiner().combine(step)
         # Only g1 is differentiated again; g2 at x_t is kept for the trace (Figure 1's cosine).
         ev = step.base(create_graph=[self.hessian, False])
-        (g21,) = conditional_gradients(step, ev, 0, [1], self.hessian, self.level)
+        (g21,) = conditional_gradients(step, ev, 0, [1], self.hessian, self.level, self.cap)
         g1 = ev.grads[0].detach()
         return Combined(g1 + g21, {"cos(g1,g2|1)": cosine(g1, g21)})
 
@@ -94,6 +109,7 @@ class CAGradOptions(BaseModel):
     rescale: Literal["none", "1/(1+c^2)", "1/(1+c)"] = "none"
     hessian: bool = True
     level: Literal["t_next", "t"] = "t_next"
+    cap: Optional[float] = Field(None, gt=0, description="cap on each ||g_{j|i}|| relative to ||g_tilde_j||")
 
 
 class CAGradCombiner(Combiner):
@@ -102,8 +118,9 @@ class CAGradCombiner(Combiner):
     Options = CAGradOptions
     min_conditions = 2
 
-    def __init__(self, c: float = 0.5, rescale: str = "none", hessian: bool = True, level: str = "t_next"):
-        self.c, self.rescale, self.hessian, self.level = c, rescale, hessian, level
+    def __init__(self, c: float = 0.5, rescale: str = "none", hessian: bool = True, level: str = "t_next",
+                 cap: Optional[float] = None):
+        self.c, self.rescale, self.hessian, self.level, self.cap = c, rescale, hessian, level, cap
 
     def pair_gradients(self, step) -> tuple[list[tuple[int, int]], torch.Tensor]:
         """All ordered pairs (i, j) and their gradients, shape (m, B, ...)."""
@@ -112,7 +129,7 @@ class CAGradCombiner(Combiner):
         pairs, grads = [], []
         for i in range(n):
             others = [j for j in range(n) if j != i]
-            for j, g_ji in zip(others, conditional_gradients(step, ev, i, others, self.hessian, self.level)):
+            for j, g_ji in zip(others, conditional_gradients(step, ev, i, others, self.hessian, self.level, self.cap)):
                 pairs.append((i, j))
                 grads.append(ev.grads[i].detach() + g_ji)
         return pairs, torch.stack(grads)
