@@ -114,7 +114,8 @@ def evaluate(model, x: torch.Tensor, t: int, abar: float, conditions: list[Condi
     single = isinstance(create_graph, bool)
     graphs = [create_graph] * len(conditions) if single else list(create_graph)
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), double_backward_pass(create_graph if single else any(graphs)):
+    # An unguided pass (every condition outside its window) builds no autograd graph.
+    with torch.set_grad_enabled(any(guided)), double_backward_pass(create_graph if single else any(graphs)):
         eps = model.eps(x, max(t, 0)).float()
         score = -eps / math.sqrt(1.0 - abar) if abar < 1.0 else torch.zeros_like(eps)
         x0 = (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, InputError
-from .images import image_grid, save_image
+from .images import image_grid, load_image, save_image
 from .plots import plot_cosines, plot_energies
 from .recipe import Recipe, build_pipeline, recipe_identity
 
@@ -135,7 +135,7 @@ def _aggregate(out: Path, recipe: Recipe, seeds, pipeline, errors, elapsed, gene
         record["shapes"] = _shapes_evaluation(recipe, torch.stack(samples), pipeline, registry)
     record_path.write_text(json.dumps(record))
     if samples:
-        images = torch.stack([_png_tensor(_sample_paths(out, r["index"])["png"]) for r in records])
+        images = torch.stack([load_image(_sample_paths(out, r["index"])["png"]) for r in records])
         if images.shape[-1] < 128:  # small images (the shapes world) are enlarged to be seen
             factor = 128 // images.shape[-1]
             images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
@@ -150,12 +150,6 @@ def _aggregate(out: Path, recipe: Recipe, seeds, pipeline, errors, elapsed, gene
 def _mean_energies(records) -> dict[str, float]:
     names = sorted({k for r in records for k in r["final_energy"]})
     return {n: float(np.mean([r["final_energy"][n] for r in records if n in r["final_energy"]])) for n in names}
-
-
-def _png_tensor(path: Path) -> torch.Tensor:
-    from .images import load_image
-
-    return load_image(path)
 
 
 def _shapes_evaluation(recipe: Recipe, samples: torch.Tensor, pipeline, registry) -> dict:
