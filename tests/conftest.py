@@ -1,10 +1,10 @@
-import math
 
 import pytest
 import torch
 
 from zmagic_core.components import DiffusionModel, Energy
 from zmagic_core.schedule import linear_alphas_cumprod
+from zmagic_core.testing import one_thread  # noqa: F401  (autouse, for every test below tests/)
 
 
 class TinyMixture(DiffusionModel):
@@ -52,8 +52,3 @@ def tiny_model():
 def tiny_energies():
     return QuadraticEnergy([0.5, -0.2, 0.1, 0.3, -0.4, 0.2], 2.0), QuadraticEnergy([-0.3, 0.1, 0.4, -0.2, 0.2, 0.0], 1.0)
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-    yield

@@ -21,16 +21,6 @@ SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_li
 SD_SIZE = 16  # image side of the tiny SD: latents (4, 8, 8) (the tiny VAE downsamples by 2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models gain nothing from threads, and on a busy 2-core machine OpenMP spinning made
-    a forward pass 100x slower (2 s instead of 10 ms); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

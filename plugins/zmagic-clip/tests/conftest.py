@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from zmagic_core.testing import one_thread  # noqa: F401  (autouse)
 
 TINY_CONFIG = {
     "embed_dim": 64,
@@ -29,12 +30,3 @@ def tiny(tmp_path_factory):
     save_file(state, str(root / "tiny.safetensors"))
     return config, root / "tiny.pt", root / "tiny.safetensors", model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests are tiny; one intra-op thread keeps them fast on shared, oversubscribed CPUs
-    (OpenMP threads waiting for cores made them 3-4x slower there).  Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -2,12 +2,12 @@
 checkpoints saved in the real format (a plain torch.save'd state dict named model_ir_se50.pth)."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from zmagic_faceid.irse import IRSEBackbone
+from zmagic_core.testing import one_thread  # noqa: F401  (autouse)
+from zmagic_faceid.testing import astronaut_png, grey_png, other_png  # noqa: F401
 
 TINY_UNITS = [1, 1, 1, 1]
 TINY_WIDTHS = [16, 16, 32, 32]
@@ -33,32 +33,6 @@ def randomised():
 
 
 @pytest.fixture(scope="session")
-def astronaut_png(tmp_path_factory) -> Path:
-    from skimage.data import astronaut
-
-    path = tmp_path_factory.mktemp("faces") / "astronaut.png"
-    Image.fromarray(astronaut()).save(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def other_png(tmp_path_factory) -> Path:
-    """A different image (skimage's coffee): not the reference's identity."""
-    from skimage.data import coffee
-
-    path = tmp_path_factory.mktemp("faces") / "coffee.png"
-    Image.fromarray(coffee()).save(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def grey_png(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("faces") / "grey.png"
-    Image.fromarray(np.full((128, 128, 3), 128, dtype=np.uint8)).save(path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def tiny_arcface(tmp_path_factory) -> tuple[Path, IRSEBackbone]:
     torch.manual_seed(0)
     model = IRSEBackbone(TINY_UNITS, TINY_WIDTHS).eval()
@@ -73,12 +47,3 @@ def tiny_options(tiny_arcface, astronaut_png) -> dict:
     return {"reference": str(astronaut_png), "weights": str(tiny_arcface[0]),
             "units": TINY_UNITS, "widths": TINY_WIDTHS}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are small: one intra-op thread is as fast on a quiet 2-core machine and far
-    steadier on a shared one (a descheduled OpenMP thread stalls every operator)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -5,16 +5,7 @@ import torch
 from zmagic_core.images import save_image
 from zmagic_core.shapes.world import render
 from zmagic_parsing.bisenet import BiSeNet
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tests' tensors are small: one intra-op thread is faster, and on a shared 2-core machine
-    two OpenMP threads spend most of their time waiting for each other. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from zmagic_core.testing import one_thread  # noqa: F401  (autouse)
 
 
 def random_bisenet(seed: int = 0) -> BiSeNet:

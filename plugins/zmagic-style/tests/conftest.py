@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from zmagic_core.testing import one_thread  # noqa: F401  (autouse)
 
 TINY_CLIP_CONFIG = {  # 3 vision blocks, so the default block 2 (FreeDoM's) exists
     "embed_dim": 64,
@@ -67,12 +68,3 @@ def pictures(tmp_path_factory):
     (root / "broken.png").write_bytes(b"this is not a png")
     return root
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests are tiny; one intra-op thread keeps them fast on shared, oversubscribed CPUs
-    (OpenMP threads waiting for cores made them 3-4x slower there).  Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

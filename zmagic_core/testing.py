@@ -1,0 +1,13 @@
+"""Fixtures shared by the core's and the plugins' test suites (import them in a conftest.py)."""
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Test tensors are small: one intra-op thread is as fast on a quiet 2-core machine and far
+    steadier on a shared one (a descheduled OpenMP thread stalls every operator). Restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
