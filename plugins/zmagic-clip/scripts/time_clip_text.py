@@ -4,37 +4,12 @@ ViT-B-16 (QuickGELU, as the OpenAI weights) with random weights: the real archit
 input size (224) without needing the download.  Usage: python time_clip_text.py [--repeats 5] [--threads 1]
 """
 import os
-import sys
-import time
 
 import torch
 
 from zmagic_clip import ClipTextEnergy, LoadedClip
 from zmagic_clip.loading import OPENAI_MEAN, OPENAI_STD
-
-
-def best_of(fn, repeats):
-    """(median wall seconds, median process CPU seconds) after a warm-up.
-
-    On a shared machine the wall time is inflated by waiting for cores; with one thread the
-    process CPU time is the best estimate of the unloaded cost.
-    """
-    fn()  # warm-up
-    walls, cpus = [], []
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - t)
-        cpus.append(time.process_time() - c)
-    return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
-
-
-def gflops(fn):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops() / 1e9
+from zmagic_core.benchmarks.timing import best_of, gflops
 
 
 def main(repeats: int = 5):

@@ -5,23 +5,11 @@ On a shared machine, 1 thread gives steadier numbers: with 2 OpenMP threads and 
 running, a descheduled thread stalls every operator (O-Net: 3 ms alone, 700 ms contended)."""
 import os
 import sys
-import time
 
 import torch
 
 from zmagic_faceid.irse import ir_se50
-
-
-def timed(net, size, batch, repeats):
-    x = torch.rand(batch, 3, size, size) * 2 - 1
-    times = []
-    for i in range(repeats + 1):  # the first call warms up (allocations, oneDNN kernels)
-        xi = x.clone().requires_grad_(True)
-        start = time.perf_counter()
-        net(xi).sum().backward()
-        if i:
-            times.append(time.perf_counter() - start)
-    return min(times), sorted(times)[len(times) // 2]
+from zmagic_core.benchmarks.timing import forward_backward as timed
 
 
 def main():

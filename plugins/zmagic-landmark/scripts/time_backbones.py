@@ -6,23 +6,11 @@ On a shared machine, 1 thread gives steadier numbers: with 2 OpenMP threads and 
 running, a descheduled thread stalls every operator (O-Net: 3 ms alone, 700 ms contended)."""
 import os
 import sys
-import time
 
 import torch
 
 from zmagic_landmark.networks import ONetLandmarks, soft_argmax
-
-
-def timed(fn, size, batch, repeats):
-    x = torch.rand(batch, 3, size, size) * 2 - 1
-    times = []
-    for i in range(repeats + 1):  # the first call warms up
-        xi = x.clone().requires_grad_(True)
-        start = time.perf_counter()
-        fn(xi).sum().backward()
-        if i:
-            times.append(time.perf_counter() - start)
-    return min(times), sorted(times)[len(times) // 2]
+from zmagic_core.benchmarks.timing import forward_backward as timed
 
 
 def main():

@@ -4,37 +4,12 @@ Real architectures with random weights: CLIP ViT-B-16 tokens after block 2 (inpu
 VGG19 relu1_1..relu5_1 (input 224 and 256).  Usage: python time_style.py [--repeats 5] [--threads 1]
 """
 import os
-import sys
-import time
 
 import torch
 
 from zmagic_clip.loading import OPENAI_MEAN, OPENAI_STD, LoadedClip
 from zmagic_style import ClipTokens, StyleEnergy, VggFeatures, vgg19_features
-
-
-def best_of(fn, repeats):
-    """(median wall seconds, median process CPU seconds) after a warm-up.
-
-    On a shared machine the wall time is inflated by waiting for cores; with one thread the
-    process CPU time is the best estimate of the unloaded cost.
-    """
-    fn()  # warm-up
-    walls, cpus = [], []
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - t)
-        cpus.append(time.process_time() - c)
-    return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
-
-
-def gflops(fn):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops() / 1e9
+from zmagic_core.benchmarks.timing import best_of, gflops
 
 
 def report(label, energy, batch, size, repeats):
