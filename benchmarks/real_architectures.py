@@ -75,11 +75,11 @@ def energies(size: int):
 def run_case(case: str, args) -> dict:
     import torch
 
-    from zmagic_core.combiners import DependentCombiner, SumCombiner
-    from zmagic_core.guidance import Condition
-    from zmagic_core.pipeline import Pipeline
-    from zmagic_core.schedule import linear_alphas_cumprod
-    from zmagic_core.solvers import DDPMSolver
+    from zmagic_core.method.combiners import DependentCombiner, SumCombiner
+    from zmagic_core.method.guidance import Condition
+    from zmagic_core.sampling.pipeline import Pipeline
+    from zmagic_core.method.schedule import linear_alphas_cumprod
+    from zmagic_core.method.solvers import DDPMSolver
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -90,11 +90,11 @@ def run_case(case: str, args) -> dict:
     if kind == "pixel":
         from diffusers import UNet2DModel
 
-        from zmagic_core.models.diffusers_pixel import DiffusersPixelModel
+        from zmagic_core.models.pretrained.pixel import DiffusersPixelModel
 
         unet = UNet2DModel(**CELEBAHQ_UNET).to(device, dtype)
         if args.checkpointing:
-            from zmagic_core.models.attention import checkpoint_function
+            from zmagic_core.models.pretrained.attention import checkpoint_function
             unet.enable_gradient_checkpointing(checkpoint_function)
         model = DiffusersPixelModel(unet, linear_alphas_cumprod(), sample_size=args.size).to(device)
         gram, color = energies(args.size)
@@ -103,13 +103,13 @@ def run_case(case: str, args) -> dict:
     else:
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
-        from zmagic_core.models.loading import alphas_cumprod_from_config
-        from zmagic_core.models.stable_diffusion import StableDiffusionModel
+        from zmagic_core.method.predictions import alphas_cumprod_from_config
+        from zmagic_core.models.pretrained.stable_diffusion import StableDiffusionModel
 
         unet = UNet2DConditionModel(**SD14_UNET).to(device, dtype)
         vae = AutoencoderKL(**SD14_VAE).to(device, dtype)
         if args.checkpointing:
-            from zmagic_core.models.attention import checkpoint_function
+            from zmagic_core.models.pretrained.attention import checkpoint_function
             unet.enable_gradient_checkpointing(checkpoint_function)
             vae.enable_gradient_checkpointing(checkpoint_function)
         gen = torch.Generator().manual_seed(1)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from zmagic_core.components import DiffusionModel, Energy
-from zmagic_core.schedule import linear_alphas_cumprod
+from zmagic_core.contracts.components import DiffusionModel, Energy
+from zmagic_core.method.schedule import linear_alphas_cumprod
 from zmagic_core.testing import one_thread  # noqa: F401  (autouse, for every test below tests/)
 
 

@@ -4,12 +4,13 @@ import json
 import pytest
 import torch
 
-from zmagic_core.benchmarks import cost, quality, write_section
-from zmagic_core.combiners import SumCombiner
-from zmagic_core.guidance import Condition
-from zmagic_core.pipeline import Pipeline
-from zmagic_core.shapes import ShapesModel, evaluate_samples
-from zmagic_core.solvers import DDPMSolver
+from zmagic_core.app.bench import cost, quality
+from zmagic_core.app.bench.report import write_section
+from zmagic_core.method.combiners import SumCombiner
+from zmagic_core.method.guidance import Condition
+from zmagic_core.sampling.pipeline import Pipeline
+from zmagic_core.models.shapes import ShapesModel, evaluate_samples
+from zmagic_core.method.solvers import DDPMSolver
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_quality_exact_gradient_is_the_oracle_score_difference(world):
     """The recorder's reference: s_cond - s equals autograd's grad log p(c|x_t) of the mixture."""
     scenario = quality.SCENARIOS[0]
     energies = [quality.build_energy(world, k, o) for _, k, o in scenario["conditions"]]
-    from zmagic_core.shapes import target_log_weights
+    from zmagic_core.models.shapes import target_log_weights
 
     lw = target_log_weights(world, energies)
     joint = world.conditioned(lw)

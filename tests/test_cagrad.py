@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from zmagic_core.cagrad import cagrad_direction, cagrad_weights, cagrad_weights_batch, simplex_problem
+from zmagic_core.method.cagrad import cagrad_direction, cagrad_weights, cagrad_weights_batch, simplex_problem
 
 
 def dual_objective(w, K, c):

@@ -4,7 +4,7 @@ import json
 import pytest
 import yaml
 
-from zmagic_core.cli import main
+from zmagic_core.app.cli import main
 
 SMALL = {
     "model": {"kind": "shapes", "size": 16},
@@ -41,7 +41,7 @@ def test_generate_writes_everything(recipe_file, tmp_path, capsys):
     assert set(trace[0]["energy"]) == {"shapes-attribute", "shapes-mask"}
     assert "shapes-attribute~shapes-mask" in trace[0]["cosine"] and "cos(g1,g2|1)" in trace[0]
     assert set(record["final_energy"]["1"]) == {"shapes-attribute", "shapes-mask"}
-    summary = record["shapes"]["summary"]
+    summary = record["evaluation"]["shapes"]["summary"]
     assert summary["samples"] == 3 and 0 <= summary["joint_satisfaction"] <= 1
     assert "joint satisfaction" in capsys.readouterr().out
 
@@ -161,12 +161,12 @@ def test_output_path_that_is_a_file(recipe_file, tmp_path, capsys):
 def test_plugins_table(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
-    assert "zmagic_core.builtin" in out and "combiner: sum, dependent, cagrad" in out
+    assert "zmagic_core.plugins.builtin" in out and "combiner: sum, dependent, cagrad" in out
 
 
 def test_reference_paths_are_relative_to_the_recipe(tmp_path, monkeypatch):
-    from zmagic_core.images import save_image
-    from zmagic_core.shapes import render
+    from zmagic_core.files.images import save_image
+    from zmagic_core.models.shapes import render
 
     folder = tmp_path / "recipes"
     folder.mkdir()

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.autograd.functional import hessian, jacobian
 
-from zmagic_core.combiners import CAGradCombiner, DependentCombiner, SumCombiner
-from zmagic_core.guidance import Condition, GuidanceStep
-from zmagic_core.schedule import Schedule
-from zmagic_core.solvers import DDIMSolver, DDPMSolver
+from zmagic_core.method.combiners import CAGradCombiner, DependentCombiner, SumCombiner
+from zmagic_core.method.guidance import Condition, GuidanceStep
+from zmagic_core.method.schedule import Schedule
+from zmagic_core.method.solvers import DDIMSolver, DDPMSolver
 
 T, T_NEXT = 500, 490
 

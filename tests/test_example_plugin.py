@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from zmagic_core.recipe import build_pipeline, load_recipe
-from zmagic_core.registry import Registry
+from zmagic_core.assembly.build import build_pipeline, load_recipe
+from zmagic_core.plugins.registry import Registry
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "zmagic-brightness" / "zmagic_brightness" / "__init__.py"
 
@@ -37,7 +37,7 @@ def test_example_plugin_registers_and_guides():
 
 def test_example_plugin_options_are_checked():
     import pytest
-    from zmagic_core.errors import ConfigError
+    from zmagic_core.contracts.errors import ConfigError
 
     registry = Registry(load_entry_points=False)
     registry.register_plugin(load_example(), "brightness")

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from zmagic_core.recipe import load_recipe
-from zmagic_core.runner import generate
+from zmagic_core.assembly.build import load_recipe
+from zmagic_core.app.runner import generate
 
 FACES = Path(__file__).resolve().parents[1] / "examples" / "faces"
 

@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from zmagic_core.combiners import CAGradCombiner, DependentCombiner, SumCombiner
-from zmagic_core.components import Energy
-from zmagic_core.errors import ConfigError
-from zmagic_core.guidance import Condition
-from zmagic_core.pipeline import Pipeline
-from zmagic_core.shapes import ShapesModel
-from zmagic_core.shapes.energies import AttributeEnergy, MaskEnergy
-from zmagic_core.solvers import DDIMSolver, DDPMSolver, PCSolver
+from zmagic_core.method.combiners import CAGradCombiner, DependentCombiner, SumCombiner
+from zmagic_core.contracts.components import Energy
+from zmagic_core.contracts.errors import ConfigError
+from zmagic_core.method.guidance import Condition
+from zmagic_core.sampling.pipeline import Pipeline
+from zmagic_core.models.shapes import ShapesModel
+from zmagic_core.models.shapes.energies import AttributeEnergy, MaskEnergy
+from zmagic_core.method.solvers import DDIMSolver, DDPMSolver, PCSolver
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_ddim_eta0_without_guidance_is_deterministic_map(world):
     """DDIM(0) ignores z: two seeds with the same start give the same sample."""
     p = Pipeline(world, DDIMSolver(eta=0.0), SumCombiner(), [], steps=10)
     x = torch.randn(1, *world.sample_shape)
-    from zmagic_core.schedule import Schedule
+    from zmagic_core.method.schedule import Schedule
     sched = Schedule(world.alphas_cumprod, 10)
     y = x.clone()
     for _, t, tn in sched.pairs():

@@ -5,10 +5,10 @@ import types
 
 import pytest
 
-import zmagic_core.builtin  # noqa: F401  (imported before distributions are faked)
-from zmagic_core.errors import UnknownComponentError
-from zmagic_core.hookspecs import hookimpl
-from zmagic_core.registry import Registry
+import zmagic_core.plugins.builtin  # noqa: F401  (imported before distributions are faked)
+from zmagic_core.contracts.errors import UnknownComponentError
+from zmagic_core.contracts.hookspecs import hookimpl
+from zmagic_core.plugins.registry import Registry
 
 
 class FakeEntryPoint:
@@ -101,13 +101,13 @@ def test_duplicate_names_are_reported_and_first_one_kept(fake_dists):
     assert reg.get("energy", "other").plugin == "b"
     infos = {p.name: p for p in reg.plugins()}
     assert any("'same' is already registered by 'a'" in e for e in infos["b"].errors)
-    assert reg.get("combiner", "sum").plugin == "zmagic_core.builtin"
+    assert reg.get("combiner", "sum").plugin == "zmagic_core.plugins.builtin"
 
 
 def test_duplicate_across_categories_is_fine(fake_dists):
     fake_dists.append(FakeDist("zmagic-a", "1", [FakeEntryPoint("a", plugin_module("a", ["ddpm"]))]))
     reg = Registry()
-    assert reg.get("energy", "ddpm").plugin == "a" and reg.get("solver", "ddpm").plugin == "zmagic_core.builtin"
+    assert reg.get("energy", "ddpm").plugin == "a" and reg.get("solver", "ddpm").plugin == "zmagic_core.plugins.builtin"
 
 
 def test_unknown_kind_lists_what_is_available(fake_dists):

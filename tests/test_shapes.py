@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 
-from zmagic_core.combiners import SumCombiner
-from zmagic_core.pipeline import Pipeline
-from zmagic_core.shapes import ShapesModel, render
-from zmagic_core.shapes.energies import AttributeEnergy, KeypointEnergy, MaskEnergy, StyleEnergy
-from zmagic_core.shapes.evaluate import evaluate_samples, target_log_weights
-from zmagic_core.solvers import DDIMSolver, DDPMSolver
+from zmagic_core.method.combiners import SumCombiner
+from zmagic_core.sampling.pipeline import Pipeline
+from zmagic_core.models.shapes import ShapesModel, render
+from zmagic_core.models.shapes.energies import AttributeEnergy, KeypointEnergy, MaskEnergy, StyleEnergy
+from zmagic_core.models.shapes.evaluate import evaluate_samples, target_log_weights
+from zmagic_core.method.solvers import DDIMSolver, DDPMSolver
 
 
 @pytest.fixture(scope="module")

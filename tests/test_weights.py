@@ -1,10 +1,10 @@
-"""zmagic_core.weights: where weight files are looked for, what is read, and the errors."""
+"""zmagic_core.files.weights: where weight files are looked for, what is read, and the errors."""
 import pytest
 import torch
 from torch import nn
 
-from zmagic_core.errors import InputError, WeightsNotFoundError
-from zmagic_core.weights import WEIGHTS_DIR_ENV, find_weights, load_strict, read_state_dict, search_dirs
+from zmagic_core.contracts.errors import InputError, WeightsNotFoundError
+from zmagic_core.files.weights import WEIGHTS_DIR_ENV, find_weights, load_strict, read_state_dict, search_dirs
 
 
 @pytest.fixture

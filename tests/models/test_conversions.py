@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from zmagic_core.models.diffusers_pixel import DiffusersPixelModel
-from zmagic_core.models.loading import alphas_cumprod_from_config
-from zmagic_core.solvers import DDIMSolver
+from zmagic_core.models.pretrained.pixel import DiffusersPixelModel
+from zmagic_core.method.predictions import alphas_cumprod_from_config
+from zmagic_core.method.solvers import DDIMSolver
 
 from .conftest import PIXEL_UNET
 
@@ -64,8 +64,8 @@ def test_learned_variance_channels_are_dropped():
 def test_prediction_type_is_read_from_the_saved_scheduler(tmp_path):
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    from zmagic_core.components import BuildContext
-    from zmagic_core.models import MODEL_FACTORIES
+    from zmagic_core.contracts.components import BuildContext
+    from zmagic_core.models.pretrained import MODEL_FACTORIES
 
     torch.manual_seed(0)
     unet = UNet2DModel(**PIXEL_UNET)

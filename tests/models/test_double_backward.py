@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from zmagic_core.combiners import DependentCombiner
-from zmagic_core.components import BuildContext
-from zmagic_core.guidance import Condition, Evaluation, GuidanceStep, evaluate
-from zmagic_core.models import MODEL_FACTORIES
-from zmagic_core.models.attention import double_backward_expected, double_backward_pass, use_math_kernel
-from zmagic_core.solvers import DDPMSolver
+from zmagic_core.method.combiners import DependentCombiner
+from zmagic_core.contracts.components import BuildContext, DiffusionModel
+from zmagic_core.method.guidance import Condition, Evaluation, GuidanceStep, evaluate
+from zmagic_core.models.pretrained import MODEL_FACTORIES
+from zmagic_core.models.pretrained.attention import double_backward_expected, double_backward_pass, use_math_kernel
+from zmagic_core.method.solvers import DDPMSolver
 
 from .conftest import SD_SIZE, ColorEnergy, GramEnergy, reference_image
 
@@ -135,7 +135,7 @@ def test_math_kernel_policy(monkeypatch):
 
     seen = []
 
-    class Probe(torch.nn.Module):
+    class Probe(DiffusionModel):
         alphas_cumprod = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
 
         def eps(self, x, t):

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zmagic_core.combiners import CAGradCombiner, DependentCombiner, SumCombiner
-from zmagic_core.components import BuildContext
-from zmagic_core.guidance import Condition
-from zmagic_core.models import MODEL_FACTORIES
-from zmagic_core.pipeline import Pipeline
-from zmagic_core.solvers import DDIMSolver, DDPMSolver
+from zmagic_core.method.combiners import CAGradCombiner, DependentCombiner, SumCombiner
+from zmagic_core.contracts.components import BuildContext
+from zmagic_core.method.guidance import Condition
+from zmagic_core.models.pretrained import MODEL_FACTORIES
+from zmagic_core.sampling.pipeline import Pipeline
+from zmagic_core.method.solvers import DDIMSolver, DDPMSolver
 
 from .conftest import SD_SIZE, ColorEnergy, GramEnergy, reference_image, tame
 
@@ -71,7 +71,7 @@ def test_prompt_condition_alone_is_classifier_free_guidance(sd_model):
     """sum with only the prompt = DDIM with eps_uncond + w (eps_cond - eps_uncond)."""
     import math
 
-    from zmagic_core.schedule import Schedule
+    from zmagic_core.method.schedule import Schedule
 
     steps = 5
     run = Pipeline(sd_model, DDIMSolver(0.0), SumCombiner(), [], steps=steps).run([3], progress=False)
@@ -90,7 +90,7 @@ def test_cfg_clean_estimate_option(sd_dir):
     """clean_estimate: cfg -> energies decode (x - sqrt(1-a) eps_cfg) / sqrt(a); final images unchanged."""
     import math
 
-    from zmagic_core.guidance import evaluate
+    from zmagic_core.method.guidance import evaluate
 
     kw = dict(id=str(sd_dir), prompt="a striped painting", guidance_scale=3.0, height=SD_SIZE, width=SD_SIZE)
     model = MODEL_FACTORIES["stable-diffusion"](BuildContext(), clean_estimate="cfg", **kw)

@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from zmagic_core.components import BuildContext
-from zmagic_core.errors import ConfigError, WeightsNotFoundError
-from zmagic_core.models import MODEL_FACTORIES
-from zmagic_core.registry import Registry
+from zmagic_core.contracts.components import BuildContext
+from zmagic_core.contracts.errors import ConfigError, InputError, WeightsNotFoundError
+from zmagic_core.models.pretrained import MODEL_FACTORIES
+from zmagic_core.plugins.registry import Registry
 
 from .conftest import PIXEL_UNET, SD_SIZE
 
@@ -31,7 +31,7 @@ def test_kinds_are_registered():
     assert {"diffusers-pixel", "stable-diffusion"} <= set(reg.names("model"))
     assert reg.get("model", "stable-diffusion").factory is MODEL_FACTORIES["stable-diffusion"]
     with pytest.raises(Exception):
-        MODEL_FACTORIES["diffusers-pixel"].Options(not_an_option=1)
+        reg.get("model", "diffusers-pixel").options(not_an_option=1)
 
 
 def test_pixel_round_trip_matches_the_saved_unet(pixel_dir):
@@ -83,7 +83,7 @@ def test_pixel_single_file_checkpoint_loads_safely(pixel_dir, tmp_path):
 
     bad = tmp_path / "bad.pt"
     torch.save({"state_dict": other.state_dict(), "x": Payload()}, bad)
-    with pytest.raises(WeightsNotFoundError, match="weights_only"):
+    with pytest.raises(InputError, match="weights_only"):  # the file exists but is not plain tensors
         build("diffusers-pixel", id=str(pixel_dir), checkpoint=str(bad))
     with pytest.raises(ConfigError):
         build("diffusers-pixel", id=str(pixel_dir), checkpoint=str(tmp_path / "x.onnx"))
@@ -172,7 +172,7 @@ def test_broken_local_folder_is_a_weights_error(tmp_path):
 
 
 def test_recipes_count_the_prompt_as_a_condition(sd_dir):
-    from zmagic_core.recipe import load_recipe
+    from zmagic_core.assembly.build import load_recipe
 
     reg = Registry(load_entry_points=False)
     recipe = {"model": {"kind": "stable-diffusion", "path": str(sd_dir), "prompt": "a cat", "height": SD_SIZE,
@@ -191,14 +191,13 @@ def test_recipes_count_the_prompt_as_a_condition(sd_dir):
 def test_example_recipes_parse(name):
     from pathlib import Path
 
-    from zmagic_core.recipe import load_recipe
+    from zmagic_core.assembly.build import load_recipe
 
     path = Path(__file__).resolve().parents[2] / "examples" / "models" / f"{name}.yaml"
     recipe = load_recipe(path, check=False)
-    MODEL_FACTORIES[recipe.model.kind].Options(**recipe.model.options)  # options valid for the kind
     reg = Registry(load_entry_points=False)
-    combiner = reg.get("combiner", recipe.combiner.kind).factory
-    combiner.Options(**recipe.combiner.options)
+    reg.get("model", recipe.model.kind).options(**recipe.model.options)  # options valid for the kind
+    reg.get("combiner", recipe.combiner.kind).options(**recipe.combiner.options)
 
 
 def test_unreachable_hub_fails_at_once(monkeypatch):
@@ -218,7 +217,7 @@ def test_unreachable_hub_fails_at_once(monkeypatch):
 def test_example_recipes_check_with_the_installed_plugins(name):
     from pathlib import Path
 
-    from zmagic_core.recipe import load_recipe
+    from zmagic_core.assembly.build import load_recipe
 
     reg = Registry()
     path = Path(__file__).resolve().parents[2] / "examples" / "models" / f"{name}.yaml"

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from zmagic_core.hookspecs import hookimpl
-from zmagic_core.recipe import build_pipeline
-from zmagic_core.registry import Registry
+from zmagic_core.contracts.hookspecs import hookimpl
+from zmagic_core.assembly.build import build_pipeline
+from zmagic_core.plugins.registry import Registry
 
 from .conftest import SD_SIZE, GramEnergy, reference_image
 
@@ -20,13 +20,11 @@ def build_gram(context, size: int = 8):
     return GramEnergy(reference_image(size)).to(context.device)
 
 
-build_gram.Options = GramOptions
-
 
 class TestPlugin:
     @hookimpl
     def register_energies(self, register):
-        register("test-gram", build_gram)
+        register("test-gram", build_gram, options=GramOptions)
 
 
 def registry():

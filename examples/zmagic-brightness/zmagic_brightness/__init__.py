@@ -2,8 +2,7 @@
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from zmagic_core.components import Energy
-from zmagic_core.hookspecs import hookimpl
+from zmagic_core import Energy, hookimpl
 
 
 class BrightnessOptions(BaseModel):
@@ -27,9 +26,8 @@ def build_brightness(context, **options):
     return BrightnessEnergy(**options).to(context.device)
 
 
-build_brightness.Options = BrightnessOptions  # lets `zmagic generate` check options before loading
-
 
 @hookimpl
 def register_energies(register):
-    register("brightness", build_brightness, aliases=("mean-brightness",))
+    # options: checked before anything loads (a bad recipe fails naming the field)
+    register("brightness", build_brightness, options=BrightnessOptions, aliases=("mean-brightness",))

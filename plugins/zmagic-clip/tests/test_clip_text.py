@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zmagic_core.components import BuildContext
-from zmagic_core.errors import ConfigError, InputError, WeightsNotFoundError
+from zmagic_core import BuildContext, ConfigError, InputError, WeightsNotFoundError
 from zmagic_clip import ClipTextEnergy, ClipTextOptions, build_clip_text
 from zmagic_clip.loading import OPENAI_MEAN, OPENAI_STD
 
@@ -40,11 +39,11 @@ def reference_energy(model, x, prompt, distance):
 
 
 def test_registry_finds_clip_text():
-    from zmagic_core.registry import Registry
+    from zmagic_core.plugins.registry import Registry
 
     reg = Registry().get("energy", "clip-text")
     assert reg.factory is build_clip_text
-    assert reg.factory.Options is ClipTextOptions
+    assert reg.options is ClipTextOptions
 
 
 def test_options_are_checked_before_loading():
@@ -176,11 +175,11 @@ def test_bad_model_names_and_configs(tiny, tmp_path):
 
 
 def test_guided_run_lowers_the_energy(tiny):
-    from zmagic_core.combiners import SumCombiner
-    from zmagic_core.guidance import Condition
-    from zmagic_core.pipeline import Pipeline
-    from zmagic_core.shapes import ShapesModel
-    from zmagic_core.solvers import DDPMSolver
+    from zmagic_core import SumCombiner
+    from zmagic_core import Condition
+    from zmagic_core import Pipeline
+    from zmagic_core import ShapesModel
+    from zmagic_core import DDPMSolver
 
     energy = build(tiny)
     world = ShapesModel(size=32)
@@ -198,7 +197,7 @@ def test_guided_run_lowers_the_energy(tiny):
 
 
 def test_recipe_checks_and_builds_clip_text(tiny):
-    from zmagic_core.recipe import build_pipeline, load_recipe
+    from zmagic_core import build_pipeline, load_recipe
 
     config, pt, _, _ = tiny
     recipe = {

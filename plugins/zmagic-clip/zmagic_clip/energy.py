@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from zmagic_core.components import BuildContext, Energy
-from zmagic_core.errors import ConfigError
+from zmagic_core import BuildContext, ConfigError, Energy
 
 from .loading import DEFAULT_PRETRAINED, LoadedClip, load_open_clip
 
@@ -123,5 +122,3 @@ def build_clip_text(context: BuildContext, **options: Any) -> ClipTextEnergy:
                             what="clip-text")
     return ClipTextEnergy.from_clip(loaded, opts.prompt, opts.distance, opts.attention).to(context.device)
 
-
-build_clip_text.Options = ClipTextOptions

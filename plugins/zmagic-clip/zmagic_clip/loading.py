@@ -8,7 +8,7 @@ Weights come from one of two places:
   and downloaded only when allowed (``download=True``, ``HF_HUB_OFFLINE`` unset) and the hub is
   reachable (a 3 s probe, so an offline machine fails at once instead of retrying for ~25 s).
 
-Anything that goes wrong raises a :mod:`zmagic_core.errors` error at build time.
+Anything that goes wrong raises a :mod:`zmagic_core.contracts.errors` error at build time.
 
 zmagic-style imports this module for its CLIP backbone (it depends on zmagic-clip).
 """
@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from zmagic_core.errors import ConfigError, InputError, WeightsNotFoundError
+from zmagic_core import ConfigError, InputError, WeightsNotFoundError
 
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"

@@ -1,9 +1,7 @@
 import pytest
 import torch
 
-from zmagic_core.components import BuildContext
-from zmagic_core.errors import ConfigError, InputError
-from zmagic_core.images import load_image
+from zmagic_core import BuildContext, ConfigError, InputError, load_image
 from zmagic_faceid.energy import build_faceid
 from zmagic_faceid.faces import FREEDOM_BOX, crop_resize, detect_face, fixed_crop_256
 

@@ -2,8 +2,7 @@
 head) loads through the plugin and gives a working energy."""
 import torch
 
-from zmagic_core.components import BuildContext
-from zmagic_core.images import load_image
+from zmagic_core import BuildContext, load_image
 from zmagic_faceid.energy import build_faceid
 from zmagic_faceid.faces import crop_resize
 

@@ -2,20 +2,15 @@
 run on the shapes world lowers the face-ID energy."""
 import torch
 
-from zmagic_core.combiners import SumCombiner
-from zmagic_core.components import BuildContext
-from zmagic_core.guidance import Condition
-from zmagic_core.pipeline import Pipeline
-from zmagic_core.registry import Registry
-from zmagic_core.shapes import ShapesModel
-from zmagic_core.solvers import DDPMSolver
+from zmagic_core import BuildContext, Condition, DDPMSolver, Pipeline, ShapesModel, SumCombiner
+from zmagic_core.plugins.registry import Registry
 from zmagic_faceid.energy import FaceIDEnergy, FaceIDOptions
 
 
 def test_registry_finds_faceid_through_the_entry_point(tiny_options):
     registry = Registry()
     reg = registry.get("energy", "faceid")
-    assert reg.plugin == "faceid" and reg.factory.Options is FaceIDOptions
+    assert reg.plugin == "faceid" and reg.options is FaceIDOptions
     assert registry.get("energy", "face-id") is reg
     info = next(p for p in registry.plugins() if p.name == "faceid")
     assert info.errors == [] and info.registers == {"energy": ["faceid"]}

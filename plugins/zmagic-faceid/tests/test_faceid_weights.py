@@ -3,8 +3,7 @@ real format and loaded back through the plugin's loading path, facenet checkpoin
 import pytest
 import torch
 
-from zmagic_core.components import BuildContext
-from zmagic_core.errors import InputError, WeightsNotFoundError
+from zmagic_core import BuildContext, InputError, WeightsNotFoundError
 from zmagic_faceid.energy import FaceIDOptions, build_backbone, build_faceid
 from zmagic_faceid.irse import IRSEBackbone, ir_se50
 

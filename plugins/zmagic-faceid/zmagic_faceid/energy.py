@@ -12,10 +12,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from zmagic_core.components import BuildContext, Energy
-from zmagic_core.errors import ConfigError
-from zmagic_core.images import load_image
-from zmagic_core.weights import find_weights, load_strict, read_state_dict
+from zmagic_core import (BuildContext, ConfigError, Energy, find_weights, load_image, load_strict,
+                         read_state_dict)
 
 from .faces import Box, check_box, crop_resize, detect_face, fixed_crop_256, square_box
 from .irse import IR_SE50_UNITS, IR_SE50_WIDTHS, IRSEBackbone
@@ -146,5 +144,3 @@ def build_faceid(context: BuildContext, **options: Any) -> FaceIDEnergy:
     energy = FaceIDEnergy(backbone, reference, INPUT_SIZES[opts.backbone], box, opts.distance, scale)
     return energy.to(context.device)
 
-
-build_faceid.Options = FaceIDOptions

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zmagic_core.errors import InputError
+from zmagic_core import InputError
 
 Box = tuple[float, float, float, float]
 _DETECTIONS: dict = {}

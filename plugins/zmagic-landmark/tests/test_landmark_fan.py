@@ -3,9 +3,7 @@ to keep the test fast; the real 2DFAN-4 is FAN(4) at 256), loaded through the pl
 import pytest
 import torch
 
-from zmagic_core.components import BuildContext
-from zmagic_core.errors import InputError, WeightsNotFoundError
-from zmagic_core.images import load_image
+from zmagic_core import BuildContext, InputError, WeightsNotFoundError, load_image
 from zmagic_landmark.energy import build_landmark
 from zmagic_faceid.faces import detect_face
 from zmagic_landmark.networks import soft_argmax

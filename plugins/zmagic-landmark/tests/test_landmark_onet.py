@@ -5,9 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from zmagic_core.components import BuildContext
-from zmagic_core.errors import ConfigError, InputError
-from zmagic_core.images import load_image
+from zmagic_core import BuildContext, ConfigError, InputError, load_image
 from zmagic_landmark.energy import build_landmark
 from zmagic_faceid.faces import detect_face
 

@@ -3,20 +3,15 @@ real O-Net weights lowers the landmark energy (crop box found on the reference o
 import pytest
 import torch
 
-from zmagic_core.combiners import SumCombiner
-from zmagic_core.components import BuildContext
-from zmagic_core.guidance import Condition
-from zmagic_core.pipeline import Pipeline
-from zmagic_core.registry import Registry
-from zmagic_core.shapes import ShapesModel
-from zmagic_core.solvers import DDPMSolver
+from zmagic_core import BuildContext, Condition, DDPMSolver, Pipeline, ShapesModel, SumCombiner
+from zmagic_core.plugins.registry import Registry
 from zmagic_landmark.energy import LandmarkEnergy, LandmarkOptions
 
 
 def test_registry_finds_landmark_through_the_entry_point():
     registry = Registry()
     reg = registry.get("energy", "landmark")
-    assert reg.plugin == "landmark" and reg.factory.Options is LandmarkOptions
+    assert reg.plugin == "landmark" and reg.options is LandmarkOptions
     info = next(p for p in registry.plugins() if p.name == "landmark")
     assert info.errors == [] and info.registers == {"energy": ["landmark"]}
 

@@ -13,9 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from zmagic_core.components import BuildContext, Energy
-from zmagic_core.errors import ConfigError
-from zmagic_core.images import load_image
+from zmagic_core import BuildContext, ConfigError, Energy, load_image
 from zmagic_faceid.faces import Box, check_box, crop_resize, detect_face, square_box
 
 from .networks import FANLandmarks, ONetLandmarks
@@ -128,5 +126,3 @@ def build_landmark(context: BuildContext, **options: Any) -> LandmarkEnergy:
             target = LandmarkEnergy(net, box, torch.zeros(count, 2)).points(reference.unsqueeze(0))[0]
     return LandmarkEnergy(net, box, target).to(context.device)
 
-
-build_landmark.Options = LandmarkOptions

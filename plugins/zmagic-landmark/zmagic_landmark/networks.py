@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zmagic_core.weights import find_weights, load_strict, read_state_dict
+from zmagic_core import find_weights, load_strict, read_state_dict
 
 FAN_URL = "https://www.adrianbulat.com/downloads/python-fan/2DFAN4-11f355bf06.pth.tar"
 FAN_FILE = FAN_URL.rsplit("/", 1)[1]

@@ -1,9 +1,9 @@
 """Entry point of the zmagic-landmark plugin: registers the ``landmark`` energy."""
-from zmagic_core.hookspecs import hookimpl
+from zmagic_core import hookimpl
 
-from .energy import build_landmark
+from .energy import LandmarkOptions, build_landmark
 
 
 @hookimpl
 def register_energies(register):
-    register("landmark", build_landmark, aliases=("landmarks",))
+    register("landmark", build_landmark, options=LandmarkOptions, aliases=("landmarks",))

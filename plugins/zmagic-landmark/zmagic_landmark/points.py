@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from zmagic_core.errors import InputError
+from zmagic_core import InputError
 
 
 def read_points(path: str, expected: int, size: Optional[Sequence[float]] = None) -> torch.Tensor:

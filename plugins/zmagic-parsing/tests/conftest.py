@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from zmagic_core.images import save_image
-from zmagic_core.shapes.world import render
+from zmagic_core import save_image
+from zmagic_core.models.shapes.world import render
 from zmagic_parsing.bisenet import BiSeNet
 from zmagic_core.testing import one_thread  # noqa: F401  (autouse)
 

@@ -2,9 +2,7 @@
 import pytest
 import torch
 
-from zmagic_core.components import BuildContext
-from zmagic_core.errors import ConfigError, InputError, WeightsNotFoundError
-from zmagic_core.images import load_image
+from zmagic_core import BuildContext, ConfigError, InputError, WeightsNotFoundError, load_image
 from zmagic_parsing.energy import BISENET_FILE, BISENET_URL, ParsingEnergy, build_parsing
 
 SIZE = 64  # parsing resolution in tests (512 in real use)

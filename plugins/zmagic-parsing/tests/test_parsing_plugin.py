@@ -4,8 +4,8 @@ import importlib.metadata
 import pytest
 import torch
 
-from zmagic_core.components import BuildContext
-from zmagic_core.registry import Registry
+from zmagic_core import BuildContext
+from zmagic_core.plugins.registry import Registry
 
 
 def test_entry_point_is_installed():
@@ -19,19 +19,19 @@ def test_registry_discovers_the_energy(checkpoint, images):
     assert reg.plugin == "parsing" and registry.get("energy", "face-parsing") is reg
     info = next(p for p in registry.plugins() if p.name == "parsing")
     assert info.errors == [] and info.registers == {"energy": ["parsing"]}
-    assert reg.factory.Options.model_validate({"reference": "x.png"}).input_size == 512
+    assert reg.options.model_validate({"reference": "x.png"}).input_size == 512
     energy = reg.factory(BuildContext(), reference=str(images[0]), weights=str(checkpoint), input_size=32)
     assert energy(torch.zeros(2, 3, 32, 32)).shape == (2,)
 
 
 def test_guided_run_lowers_the_energy(checkpoint, tmp_path):
-    from zmagic_core.combiners import SumCombiner
-    from zmagic_core.guidance import Condition
-    from zmagic_core.images import save_image
-    from zmagic_core.pipeline import Pipeline
-    from zmagic_core.shapes import ShapesModel
-    from zmagic_core.shapes.world import render
-    from zmagic_core.solvers import DDPMSolver
+    from zmagic_core import SumCombiner
+    from zmagic_core import Condition
+    from zmagic_core import save_image
+    from zmagic_core import Pipeline
+    from zmagic_core import ShapesModel
+    from zmagic_core.models.shapes.world import render
+    from zmagic_core import DDPMSolver
     from zmagic_parsing import build_parsing
 
     world = ShapesModel(size=32)

@@ -4,9 +4,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from zmagic_core.components import BuildContext  # noqa: E402
-from zmagic_core.errors import WeightsNotFoundError, InputError  # noqa: E402
-from zmagic_core.images import load_image  # noqa: E402
+from zmagic_core import BuildContext, InputError, WeightsNotFoundError, load_image
 from zmagic_parsing.energy import ParsingEnergy, build_parsing  # noqa: E402
 
 

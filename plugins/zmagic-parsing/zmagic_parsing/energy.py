@@ -16,9 +16,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from zmagic_core.components import BuildContext, Energy
-from zmagic_core.errors import ConfigError, InputError, WeightsNotFoundError
-from zmagic_core.images import load_image
+from zmagic_core import BuildContext, ConfigError, Energy, InputError, WeightsNotFoundError, load_image
 
 from .bisenet import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, CheckpointMismatch, load_bisenet
 
@@ -198,5 +196,3 @@ def build_parsing(context: BuildContext, **options: Any) -> ParsingEnergy:
     parser = parser.to(device=context.device, dtype=torch.float32)
     return ParsingEnergy(parser, reference, opts.input_size, opts.distance, opts.reduction)
 
-
-build_parsing.Options = ParsingOptions

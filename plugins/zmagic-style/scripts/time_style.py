@@ -3,13 +3,16 @@
 Real architectures with random weights: CLIP ViT-B-16 tokens after block 2 (input 224) and
 VGG19 relu1_1..relu5_1 (input 224 and 256).  Usage: python time_style.py [--repeats 5] [--threads 1]
 """
+import sys
+from pathlib import Path
 import os
 
 import torch
 
 from zmagic_clip.loading import OPENAI_MEAN, OPENAI_STD, LoadedClip
 from zmagic_style import ClipTokens, StyleEnergy, VggFeatures, vgg19_features
-from zmagic_core.benchmarks.timing import best_of, gflops
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))  # the checkout's developer helpers
+from timing import best_of, gflops  # noqa: E402
 
 
 def report(label, energy, batch, size, repeats):

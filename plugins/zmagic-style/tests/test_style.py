@@ -3,9 +3,7 @@ import time
 import pytest
 import torch
 
-from zmagic_core.components import BuildContext
-from zmagic_core.errors import ConfigError, InputError, WeightsNotFoundError
-from zmagic_core.images import load_image
+from zmagic_core import BuildContext, ConfigError, InputError, WeightsNotFoundError, load_image
 from zmagic_style import StyleOptions, build_style, gram_matrix, vgg19_features, vgg19_layer_names
 
 
@@ -28,10 +26,10 @@ def batch(pictures):
 
 
 def test_registry_finds_style():
-    from zmagic_core.registry import Registry
+    from zmagic_core.plugins.registry import Registry
 
     reg = Registry().get("energy", "style")
-    assert reg.factory is build_style and reg.factory.Options is StyleOptions
+    assert reg.factory is build_style and reg.options is StyleOptions
 
 
 def test_options_are_checked_before_loading():
@@ -182,12 +180,12 @@ def test_missing_and_bad_weights(tiny_clip, vgg_weights, pictures, tmp_path, mon
 
 def test_guided_run_lowers_the_energy(tiny_clip, tmp_path):
     """FreeDoM's configuration (CLIP block-2 tokens) on the shapes world, same seeds."""
-    from zmagic_core.combiners import SumCombiner
-    from zmagic_core.guidance import Condition
-    from zmagic_core.images import save_image
-    from zmagic_core.pipeline import Pipeline
-    from zmagic_core.shapes import ShapesModel, render
-    from zmagic_core.solvers import DDPMSolver
+    from zmagic_core import SumCombiner
+    from zmagic_core import Condition
+    from zmagic_core import save_image
+    from zmagic_core import Pipeline
+    from zmagic_core.models.shapes import ShapesModel, render
+    from zmagic_core import DDPMSolver
 
     save_image(render("square", "blue", "top", 32), tmp_path / "style.png")
     energy = clip_style(tiny_clip, tmp_path / "style.png")
@@ -204,7 +202,7 @@ def test_guided_run_lowers_the_energy(tiny_clip, tmp_path):
 
 
 def test_recipe_checks_and_builds_style(tiny_clip, vgg_weights, pictures):
-    from zmagic_core.recipe import build_pipeline, load_recipe
+    from zmagic_core import build_pipeline, load_recipe
     from zmagic_style import StyleEnergy
 
     config, st, _, _ = tiny_clip
@@ -236,12 +234,12 @@ def test_guided_run_lowers_the_energy_vgg(vgg_weights, tmp_path):
     """VGG backbone, shallow layers: with random weights the deep layers (at 32 px relu5_1 is 2x2)
     do not steer the shapes world reliably (measured guided/plain 0.88-1.26 with all five layers),
     relu1_1 + relu2_1 do: measured 0.84 / 0.68 / 0.86 at scales 0.5 / 1 / 2 (8 seeds)."""
-    from zmagic_core.combiners import SumCombiner
-    from zmagic_core.guidance import Condition
-    from zmagic_core.images import save_image
-    from zmagic_core.pipeline import Pipeline
-    from zmagic_core.shapes import ShapesModel, render
-    from zmagic_core.solvers import DDPMSolver
+    from zmagic_core import SumCombiner
+    from zmagic_core import Condition
+    from zmagic_core import save_image
+    from zmagic_core import Pipeline
+    from zmagic_core.models.shapes import ShapesModel, render
+    from zmagic_core import DDPMSolver
 
     save_image(render("square", "blue", "top", 32), tmp_path / "style.png")
     energy = vgg_style(vgg_weights, tmp_path / "style.png", image_size=32, layers=["relu1_1", "relu2_1"])

@@ -20,7 +20,7 @@ from torch import nn
 
 from zmagic_clip.energy import attention_context
 from zmagic_clip.loading import LoadedClip, offline, reachable
-from zmagic_core.errors import ConfigError, WeightsNotFoundError
+from zmagic_core import ConfigError, WeightsNotFoundError
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -13,9 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from zmagic_clip.loading import DEFAULT_PRETRAINED, load_open_clip, read_state_dict
-from zmagic_core.components import BuildContext, Energy
-from zmagic_core.errors import ConfigError
-from zmagic_core.images import load_image
+from zmagic_core import BuildContext, ConfigError, Energy, load_image
 
 from .backbones import GATYS_LAYERS, ClipTokens, VggFeatures, vgg19_weights_file
 
@@ -119,5 +117,3 @@ def build_style(context: BuildContext, **options: Any) -> StyleEnergy:
     backbone = backbone.to(context.device)
     return StyleEnergy(backbone, reference.to(context.device), gram).to(context.device)
 
-
-build_style.Options = StyleOptions

@@ -1,0 +1,1 @@
+"""Layer 5, the application: the `zmagic` command, run folders, the demo, plots and benchmarks."""

@@ -1,0 +1,656 @@
+"""`zmagic bench quality`: every combiner on fixed shapes-world scenarios, against the exact oracle.
+
+    zmagic bench quality                         # the full run (docs/benchmarks.md, figures)
+    zmagic bench quality -- --quick              # 64 samples, fewer scenarios' methods
+    zmagic bench quality -- --samples 8 --steps 10 --scale 0.25 --scenarios attr+mask --out /tmp/q
+
+Per scenario and method: joint satisfaction, per-condition final energy, on-manifold rate,
+coverage and total variation to the exact conditional distribution, the cosine between the
+method's combined guidance G and the exact grad log p(c_1..c_n | x_t) per band of timesteps, and
+the energies over the steps.  Each figure is computed per seed set (disjoint fixed seeds); the
+intervals are the min..max over the seed sets.
+
+The exact gradient: the shapes world is a Gaussian mixture, so
+grad log p(c | x_t) = s_cond(x_t, t) - s(x_t, t), with s_cond the score of the same mixture
+reweighted by prod_i p(c_i | k) (``world.conditioned``).  A small wrapper around the combiner
+records G at every step and compares it with that difference, at the same x_t and t.
+
+The step size (FreeDoM's adaptive rule, the same scale for every condition and every method) is
+chosen first by a sweep on held-out tuning scenarios, never on the reported ones (``--scale`` skips
+the sweep).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from zmagic_core.app.bench.report import command, machine, now, revision, write_section
+from zmagic_core.method.combiners import CAGradCombiner, DependentCombiner, SumCombiner, cosine
+from zmagic_core.contracts.components import Combiner
+from zmagic_core.method.guidance import Condition
+from zmagic_core.sampling.pipeline import Pipeline
+from zmagic_core.models.shapes import AttributeEnergy, KeypointEnergy, MaskEnergy, ShapesModel, StyleEnergy
+from zmagic_core.models.shapes.evaluate import evaluate_samples, target_log_weights
+from zmagic_core.method.solvers import DDIMSolver, DDPMSolver
+
+BANDS = ((1000, 700), (700, 400), (400, 100), (100, -1))  # t in [hi, lo): "t in [1000,700)", ..., "[100,0]"
+BAND_NAMES = ("[1000,700)", "[700,400)", "[400,100)", "[100,0]")
+
+TWO_CONDITION_METHODS = ["none", "sum", "dep 1>2", "dep 2>1", "dep-noH 1>2", "dep-noH 2>1",
+                         "cagrad c=0", "cagrad c=0.5", "oracle"]
+ALL_METHODS = TWO_CONDITION_METHODS[:-1] + ["cagrad c=0.8", "oracle"]  # the headline scenario only
+
+# -- scenarios -----------------------------------------------------------------------------------
+# (name, kind, options); kinds: attribute (attribute, value), mask / keypoints / style (reference)
+SCENARIOS = [
+    {"name": "attr+mask", "methods": ALL_METHODS, "conditions": [("red", "attribute", {"attribute": "color", "value": "red"}),
+                                          ("mask", "mask", {"reference": "red circle center"})],
+     "why": "dependent: the mask is colour-blind and fixes shape and position, the classifier fixes the colour; "
+            "both pull x_t towards the prototypes they share (only the red circle in the centre)"},
+    {"name": "attr+style", "conditions": [("triangle", "attribute", {"attribute": "shape", "value": "triangle"}),
+                                           ("style", "style", {"reference": "blue triangle top"})],
+     "why": "dependent: the colour Gram matrix sees the colour (up to sign: blue ~ yellow) and the area, "
+            "which depends on the shape"},
+    {"name": "keypoints+mask", "conditions": [("kp", "keypoints", {"reference": "green square left"}),
+                                               ("mask", "mask", {"reference": "green square left"})],
+     "why": "strongly dependent (nearly redundant): the mask's centroid is the keypoint"},
+    {"name": "indep: color+keypoints", "conditions": [("red", "attribute", {"attribute": "color", "value": "red"}),
+                                                       ("kp", "keypoints", {"reference": "red square top"})],
+     "why": "(nearly) independent: the prior is a product over shape x colour x position, and the keypoint "
+            "energy is exactly colour-blind (every colour is at the same distance from the grey background, "
+            "so the soft mask, hence the centroid, ignores colour) while the colour classifier does not care "
+            "where the shape is; they are independent given the prototype and a priori, and only weakly "
+            "coupled given x_t"},
+    {"name": "attr+mask (DDIM)", "solver": "ddim",
+     "conditions": [("red", "attribute", {"attribute": "color", "value": "red"}),
+                    ("mask", "mask", {"reference": "red circle center"})],
+     "why": "the first scenario under deterministic DDIM (eta = 0) instead of ancestral sampling",
+     "methods": ["none", "sum", "dep 1>2", "dep-noH 1>2", "cagrad c=0.5", "oracle"]},
+    {"name": "3 conditions", "conditions": [("circle", "attribute", {"attribute": "shape", "value": "circle"}),
+                                             ("style", "style", {"reference": "blue circle center"}),
+                                             ("kp", "keypoints", {"reference": "blue circle top"})],
+     "why": "shape classifier + colour/area style + position keypoint: blue or yellow circles at the top",
+     "methods": ["none", "sum", "cagrad c=0.5", "oracle"]},
+    {"name": "4 conditions", "conditions": [("green", "attribute", {"attribute": "color", "value": "green"}),
+                                             ("triangle", "attribute", {"attribute": "shape", "value": "triangle"}),
+                                             ("mask", "mask", {"reference": "green triangle bottom"}),
+                                             ("kp", "keypoints", {"reference": "green triangle bottom"})],
+     "why": "colour + shape classifiers + mask + keypoint: only the green triangle at the bottom",
+     "methods": ["none", "sum", "cagrad c=0", "oracle"]},
+]
+
+# held-out scenarios for the step-size sweep: other values and references than any reported one
+TUNING = [
+    {"name": "tune attr+mask", "conditions": [("blue", "attribute", {"attribute": "color", "value": "blue"}),
+                                               ("mask", "mask", {"reference": "blue square top-left"})]},
+    {"name": "tune attr+style", "conditions": [("square", "attribute", {"attribute": "shape", "value": "square"}),
+                                                ("style", "style", {"reference": "green square top"})]},
+    {"name": "tune keypoints+mask", "conditions": [("kp", "keypoints", {"reference": "red triangle bottom-right"}),
+                                                    ("mask", "mask", {"reference": "red triangle bottom-right"})]},
+]
+SWEEP_SCALES = (0.1, 0.25, 0.5, 1.0)
+SWEEP_METHODS = ("sum", "dep 1>2")
+
+METHOD_HELP = {
+    "none": "no guidance (unconditional samples)",
+    "sum": "G = sum_i g_i",
+    "dep 1>2": "dependent (Algorithm 1), order (c1, c2), Hessian term on",
+    "dep 2>1": "dependent, order (c2, c1)",
+    "dep-noH 1>2": "dependent without the Hessian term (g1 detached in x_hat)",
+    "dep-noH 2>1": "the same, order (c2, c1)",
+    "cagrad c=0": "CAGrad over all ordered pairs, c = 0 (mean of the pair gradients)",
+    "cagrad c=0.5": "CAGrad, c = 0.5",
+    "cagrad c=0.8": "CAGrad, c = 0.8",
+    "oracle": "exact conditional model (mixture reweighted by prod_i p(c_i|k)), no guidance",
+}
+
+
+def build_energy(world: ShapesModel, kind: str, options: dict):
+    if kind == "attribute":
+        return AttributeEnergy(world, **options)
+    if kind == "mask":
+        return MaskEnergy(world, **options)
+    if kind == "keypoints":
+        return KeypointEnergy(world, **options)
+    if kind == "style":
+        return StyleEnergy(world, **options)
+    raise ValueError(kind)
+
+
+def make_combiner(method: str) -> Combiner:
+    if method in ("none", "oracle", "sum"):
+        return SumCombiner()
+    if method.startswith("dep"):
+        return DependentCombiner(hessian=not method.startswith("dep-noH"))
+    if method.startswith("cagrad c="):
+        return CAGradCombiner(c=float(method.split("=", 1)[1]))
+    raise ValueError(f"unknown method {method!r}")
+
+
+def band_of(t: int) -> int:
+    """Index of the band of BANDS that holds timestep t."""
+    for i, (_, lo) in enumerate(BANDS[:-1]):
+        if t >= lo:
+            return i
+    return len(BANDS) - 1
+
+
+class Recorder(Combiner):
+    """Wraps a combiner; per step, the cosine between its G and the exact grad log p(c | x_t),
+    and (a property of the conditions, not of the method) the cosine between the exact joint
+    gradient and the sum of the exact single-condition gradients at the same x_t."""
+
+    def __init__(self, inner: Combiner, world: ShapesModel, joint: ShapesModel, singles: list[ShapesModel]):
+        self.inner, self.world, self.joint, self.singles = inner, world, joint, singles
+        self.min_conditions, self.max_conditions = inner.min_conditions, inner.max_conditions
+        self.cos_exact: dict[int, list[torch.Tensor]] = {}
+        self.cos_dependence: dict[int, list[torch.Tensor]] = {}
+        self.nonfinite = 0  # samples x steps where G was not finite (the pipeline then falls back)
+
+    def combine(self, step):
+        out = self.inner.combine(step)
+        with torch.no_grad():
+            x, t = step.x.detach(), step.t
+            base = self.world.score(x, t)
+            exact = self.joint.score(x, t) - base
+            finite = torch.isfinite(out.guidance.flatten(1)).all(1)
+            self.nonfinite += int((~finite).sum())
+            cos = cosine(torch.nan_to_num(out.guidance), exact)
+            self.cos_exact.setdefault(t, []).append(torch.where(finite, cos, torch.nan))
+            if len(self.singles) > 1:
+                marginal = sum(m.score(x, t) - base for m in self.singles)
+                self.cos_dependence.setdefault(t, []).append(cosine(marginal, exact))
+        return out
+
+
+def run_method(world: ShapesModel, scenario: dict, method: str, seeds: list[int], scale: float, steps: int,
+               batch_size: int) -> dict:
+    """One method on one scenario for one seed set; every figure from this run."""
+    energies = [build_energy(world, kind, opts) for _, kind, opts in scenario["conditions"]]
+    names = [name for name, _, _ in scenario["conditions"]]
+    joint = world.conditioned(target_log_weights(world, energies))
+    singles = [world.conditioned(target_log_weights(world, [e])) for e in energies]
+    if method.startswith("dep") and method.endswith("2>1"):
+        order = [1, 0]
+    else:
+        order = list(range(len(energies)))
+    guided = method not in ("none", "oracle")
+    conditions = [Condition(names[i], energies[i], "adaptive", scale, start=(10**6 if guided else -1)) for i in order]
+    recorder = Recorder(make_combiner(method), world, joint, singles)
+    model = joint if method == "oracle" else world
+    solver = DDIMSolver(0.0) if scenario.get("solver") == "ddim" else DDPMSolver()
+    pipe = Pipeline(model, solver, recorder, conditions, steps)
+    timesteps = pipe.schedule.timesteps
+    energy_values: list[list[list[float]]] = [[[] for _ in range(steps)] for _ in names]  # [cond][step][sample]
+    cond_cos: dict[str, np.ndarray] = {}
+    cond_cos_n = np.zeros(steps)
+
+    def callback(info):
+        i, x = info["step"], info["x"]
+        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        with torch.no_grad():  # energies of the base model's clean estimate at the new point
+            if t_next >= 0:
+                abar = float(world.alphas_cumprod[t_next])
+                x0 = (x - math.sqrt(1 - abar) * world.eps(x, t_next)) / math.sqrt(abar)
+            else:
+                x0 = x
+            for k, e in enumerate(energies):
+                energy_values[k][i].extend(e(x0).tolist())
+        for rec in info["record"]:
+            items = dict(rec.get("cosine", {}))
+            if "cos(g1,g2|1)" in rec:
+                items["g1~g2|1"] = rec["cos(g1,g2|1)"]
+            for key, v in items.items():
+                cond_cos.setdefault(key, np.zeros(steps))[i] += v
+            cond_cos_n[i] += 1
+
+    start = time.process_time()
+    result = pipe.run(seeds, batch_size=batch_size, progress=False, callback=callback)
+    cpu = time.process_time() - start
+    ev = evaluate_samples(world, result.samples, energies, names)
+    summary = ev["summary"]
+    good = sum(s["joint"] and s["on_manifold"] for s in ev["samples"]) / max(len(ev["samples"]), 1)
+    finite_energy, nonfinite_energy = {}, {}
+    for n in names:  # a diverged sample (non-finite x0) would make the mean infinite: count it apart
+        vals = [s["energy"][n] for s in ev["samples"]]
+        ok = [v for v in vals if math.isfinite(v)]
+        finite_energy[n] = float(np.mean(ok)) if ok else float("nan")
+        nonfinite_energy[n] = len(vals) - len(ok)
+    band_cos = [[] for _ in BANDS]
+    for t, vals in recorder.cos_exact.items():
+        band_cos[band_of(t)].append(torch.cat(vals))
+    band_dep = [[] for _ in BANDS]
+    for t, vals in recorder.cos_dependence.items():
+        band_dep[band_of(t)].append(torch.cat(vals))
+    per_step_exact = [float(torch.cat(recorder.cos_exact[t]).nanmean()) if t in recorder.cos_exact else float("nan")
+                      for t in timesteps]
+    return {
+        "method": method, "seeds": [seeds[0], seeds[-1]], "cpu_seconds": cpu,
+        "joint": summary["joint_satisfaction"], "joint_on_manifold": good,
+        "satisfaction": summary["satisfaction"], "final_energy": finite_energy, "final_energy_nonfinite": nonfinite_energy,
+        "on_manifold": summary["on_manifold"], "coverage": summary["coverage"], "tv": summary["tv_to_target"],
+        "satisfying_prototypes": summary["satisfying_prototypes"],
+        "cos_exact_band": [float(torch.cat(b).nanmean()) if b else float("nan") for b in band_cos],
+        "cos_dependence_band": [float(torch.cat(b).nanmean()) if b else float("nan") for b in band_dep],
+        "cos_exact_step": per_step_exact, "nonfinite_steps": recorder.nonfinite,
+        "target_joint": target_joint(world, energies),
+        # per step over the samples: the median (what the figure shows; robust to a diverged sample) and the
+        # mean over the samples whose energy is finite
+        "energy_step": {n: [float(np.median(v)) for v in energy_values[k]] for k, n in enumerate(names)},
+        "energy_step_mean": {n: [float(np.mean([x for x in v if math.isfinite(x)] or [math.nan]))
+                                 for v in energy_values[k]] for k, n in enumerate(names)},
+        "cond_cos_step": {k: (v / np.maximum(cond_cos_n, 1)).tolist() for k, v in cond_cos.items()},
+        "timesteps": timesteps,
+        "errors": len(result.errors),
+    }
+
+
+def target_joint(world: ShapesModel, energies) -> float:
+    """Mass of the exact target p(k | c) on the prototypes that satisfy every condition: the ground
+    truth likelihoods are soft (exp(-E(mu_k)/T)), so even exact samples miss the joint sometimes."""
+    from zmagic_core.models.shapes.evaluate import SATISFIED_RATIO, condition_log_likelihoods
+
+    ok = (condition_log_likelihoods(world, energies) >= math.log(SATISFIED_RATIO)).all(0)
+    return float(torch.softmax(target_log_weights(world, energies), 0)[ok].sum())
+
+
+def seed_sets(samples: int, sets: int) -> list[list[int]]:
+    per = max(1, samples // sets)
+    return [list(range(1000 * j, 1000 * j + per)) for j in range(sets)]
+
+
+def nanmean(values) -> np.ndarray:
+    """Mean over the first axis ignoring NaN; NaN (without a warning) where all are NaN."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.array(values, dtype=float), 0)
+
+
+# -- aggregation ---------------------------------------------------------------------------------
+def interval(values) -> tuple[float, float, float]:
+    v = np.array([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], dtype=float)
+    if not len(v):
+        return float("nan"), float("nan"), float("nan")
+    return float(v.mean()), float(v.min()), float(v.max())
+
+
+def fmt(values, digits: int = 2, spread: bool = True) -> str:
+    m, lo, hi = interval(values)
+    if math.isnan(m):
+        return "-"
+    if not spread or lo == hi:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+# -- sweep ---------------------------------------------------------------------------------------
+def sweep(world, samples: int, steps: int, batch_size: int, log) -> tuple[float, list[dict]]:
+    """Adaptive scale chosen on the tuning scenarios: the highest mean rate of samples that are both
+    jointly satisfying and on the manifold, over the tuning scenarios and SWEEP_METHODS."""
+    rows = []
+    seeds = list(range(90_000, 90_000 + samples))
+    for scale in SWEEP_SCALES:
+        for sc in TUNING:
+            for method in SWEEP_METHODS:
+                r = run_method(world, sc, method, seeds, scale, steps, batch_size)
+                rows.append({"scale": scale, "scenario": sc["name"], "method": method, "joint": r["joint"],
+                             "on_manifold": r["on_manifold"], "good": r["joint_on_manifold"]})
+                log(f"sweep scale {scale} {sc['name']} {method}: joint {r['joint']:.3f} "
+                    f"on-manifold {r['on_manifold']:.3f} ({r['cpu_seconds']:.1f} s cpu)")
+    score = {s: np.mean([r["good"] for r in rows if r["scale"] == s]) for s in SWEEP_SCALES}
+    best = max(SWEEP_SCALES, key=lambda s: (score[s], -s))
+    return best, rows
+
+
+# -- figures -------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def method_color(method: str) -> str:
+    """The same colour for a method in every figure."""
+    return f"C{ALL_METHODS.index(method) % 10}" if method in ALL_METHODS else "k"
+
+
+def _curve(ax, ts, runs, label, style="-", color=None):
+    arr = np.array(runs, dtype=float)
+    mean = nanmean(arr)
+    (line,) = ax.plot(ts, mean, style, label=label, lw=1.2, color=color)
+    if len(arr) > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lo, hi = np.nanmin(arr, 0), np.nanmax(arr, 0)
+        ax.fill_between(ts, lo, hi, color=line.get_color(), alpha=0.18)
+
+
+def figure_energies(results: dict, out: Path) -> list[str]:
+    plt = _plt()
+    files = []
+    for sc_name, methods in results.items():
+        names = list(next(iter(methods.values()))[0]["energy_step"])
+        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.0), squeeze=False)
+        for k, n in enumerate(names):
+            ax = axes[0, k]
+            for method, runs in methods.items():
+                ts = runs[0]["timesteps"]
+                _curve(ax, ts, [r["energy_step"][n] for r in runs], method,
+                       "--" if method in ("none", "oracle") else "-", method_color(method))
+            ax.set_xlim(1000, 0)
+            ax.set_xlabel("t (energy of the clean estimate after the step)")
+            ax.set_ylabel(f"median energy {n}")
+            ax.set_yscale("symlog", linthresh=0.01)
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"{sc_name}: {n}")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(len(labels), 6))
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        fname = f"energies_{slug(sc_name)}.png"
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        files.append(fname)
+    return files
+
+
+def figure_condition_cosine(results: dict, out: Path) -> Optional[str]:
+    plt = _plt()
+    pairs = [(n, m) for n, m in results.items() if "dep 1>2" in m and "sum" in m]
+    if not pairs:
+        return None
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.4), squeeze=False)
+    for ax, (sc_name, methods) in zip(axes[0], pairs):
+        ts = methods["sum"][0]["timesteps"]
+        key = next(k for k in methods["sum"][0]["cond_cos_step"] if "~" in k and "|" not in k)
+        _curve(ax, ts, [r["cond_cos_step"][key] for r in methods["sum"]], f"sum: cos(g1, g2)")
+        _curve(ax, ts, [r["cond_cos_step"]["g1~g2|1"] for r in methods["dep 1>2"]], "dependent: cos(g1, g2|1)")
+        if "dep-noH 1>2" in methods:
+            _curve(ax, ts, [r["cond_cos_step"]["g1~g2|1"] for r in methods["dep-noH 1>2"]],
+                   "dependent, no Hessian: cos(g1, g2|1)", "--")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlim(1000, 0)
+        ax.set_ylim(-1, 1)
+        ax.set_xlabel("t")
+        ax.set_title(sc_name)
+    axes[0, 0].set_ylabel("cosine between the conditions' gradients")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "cosine_conditions.png", dpi=110)
+    plt.close(fig)
+    return "cosine_conditions.png"
+
+
+def figure_cosine_exact(results: dict, out: Path) -> str:
+    plt = _plt()
+    n = len(results)
+    cols = min(n + 1, 4)
+    rows = -(-(n + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.1 * rows), squeeze=False)
+    flat = list(axes.flat)
+    seen = {}
+    for ax, (sc_name, methods) in zip(flat, results.items()):
+        for method, runs in methods.items():
+            if method in ("none", "oracle"):
+                continue
+            _curve(ax, runs[0]["timesteps"], [r["cos_exact_step"] for r in runs], method, "-", method_color(method))
+            seen[method] = ax.lines[-1]
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlim(1000, 0)
+        ax.set_ylim(-0.5, 1)
+        ax.set_xlabel("t")
+        ax.set_ylabel("cos(G, exact grad log p(c|x_t))", fontsize=7)
+        ax.set_title(sc_name, fontsize=9)
+    for ax in flat[n:]:
+        ax.axis("off")
+    flat[-1].legend(list(seen.values()), list(seen), fontsize=8, loc="center")
+    fig.tight_layout()
+    fig.savefig(out / "cosine_exact.png", dpi=100)
+    plt.close(fig)
+    return "cosine_exact.png"
+
+
+def figure_joint(results: dict, out: Path) -> str:
+    plt = _plt()
+    n = len(results)
+    fig, axes = plt.subplots(n, 1, figsize=(9, 2.3 * n), squeeze=False)
+    for ax, (sc_name, methods) in zip(axes[:, 0], results.items()):
+        labels = list(methods)
+        for j, key, color in ((0, "joint", "C0"), (1, "joint_on_manifold", "C1")):
+            vals = [interval([r[key] for r in methods[m]]) for m in labels]
+            x = np.arange(len(labels)) + (j - 0.5) * 0.38
+            mean = np.array([v[0] for v in vals])
+            err = np.array([[v[0] - v[1] for v in vals], [v[2] - v[0] for v in vals]])
+            ax.bar(x, mean, 0.38, yerr=err, color=color, capsize=2,
+                   label="joint satisfaction" if j == 0 else "joint and on-manifold")
+        ax.set_xticks(np.arange(len(labels)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(sc_name, fontsize=9)
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "joint_satisfaction.png", dpi=100)
+    plt.close(fig)
+    return "joint_satisfaction.png"
+
+
+def make_figures(results: dict, scenarios: list[dict], out: Path) -> dict:
+    figures = {"energies": {}}
+    for f, sc in zip(figure_energies(results, out), scenarios):
+        figures["energies"][slug(sc["name"])] = f
+    figures["joint"] = figure_joint(results, out)
+    figures["cosine_conditions"] = figure_condition_cosine(results, out)
+    figures["cosine_exact"] = figure_cosine_exact(results, out)
+    return figures
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+
+
+# -- the page ------------------------------------------------------------------------------------
+def page_section(args, argv, scale, sweep_rows, results, scenarios, figures, wall, date=None, rev=None) -> str:
+    lines = [
+        "## Quality: every combiner against the exact oracle (shapes world)",
+        "",
+        f"Command: `{command('quality', argv)}`  ",
+        f"Machine: {machine()}  ",
+        f"Code: git {rev or 'unknown'}  ",
+        f"Date: {date or now()}; wall time {'not recorded' if math.isnan(wall) else f'{wall / 60:.1f} min'} (CPU shared with other jobs: compare CPU seconds within this run only).",
+        "",
+        f"Setting: shapes world (32 px, K = 108 prototypes, sigma0 = 0.1), {args.steps} ancestral (DDPM) steps unless the "
+        f"scenario says DDIM; {args.seeds_sets} seed sets of {len(seed_sets(args.samples, args.seeds_sets)[0])} samples "
+        f"each (seeds 0.., 1000.., 2000.., ...; the same seeds for every method), so {args.samples // args.seeds_sets * args.seeds_sets} "
+        "samples per method and scenario. Figures in tables: mean over the seed sets [min, max over the seed sets]. "
+        "Every condition is active at every step (no window, no time travel).",
+        "",
+        "Reduced to fit a 2-core CPU (the full default took 14 to 35 minutes there, depending on the load from other jobs): CAGrad with c = 0.8 runs "
+        "only on the first scenario; the DDIM scenario runs one order of the dependent combiner and one CAGrad; "
+        "the 3-condition set runs sum and CAGrad c = 0.5, the 4-condition set sum and CAGrad c = 0 (12 pair "
+        "gradients per step); the dependent combiner takes exactly two conditions, so it is absent there. "
+        "The sweep uses 32 samples per run and one seed set.",
+        "",
+        "Metrics (zmagic_core.models.shapes.evaluate): *joint* = rate of samples whose nearest prototype satisfies every "
+        "condition (p(c_i|k) >= half the best); *joint & on-manifold* = the same and within 2 sigma0 RMS of that prototype; "
+        "*E(c)* = mean final energy of the condition on x0 (over the samples where it is finite; the others are counted); *on-man.* = on-manifold rate; *coverage* = share of the "
+        "satisfying prototypes hit; *TV* = total variation between the satisfying samples' prototype histogram and "
+        "the exact conditional (uniform over the satisfying prototypes); *cos exact* = cosine between the method's "
+        "combined guidance G and the exact grad log p(c_1..c_n | x_t) = s_cond(x_t) - s(x_t), per band of t, averaged "
+        "over samples and steps in the band; *dependence* = cosine between the exact joint gradient and the sum of "
+        "the exact single-condition gradients along that method's trajectory (1 = the sum rule is exact there).",
+        "",
+        "### Step size (chosen on held-out scenarios)",
+        "",
+    ]
+    if sweep_rows:
+        lines += [
+            "FreeDoM's adaptive rule rho = scale * rms(eps) / rms(grad E), one scale for every condition and every "
+            f"method. Swept over {list(SWEEP_SCALES)} with {', '.join(SWEEP_METHODS)} on tuning scenarios that are "
+            "not reported below: " + "; ".join(
+                f"{t['name']} ({' + '.join(f'{k} {o}' for _, k, o in t['conditions'])})" for t in TUNING)
+            + f". Rule: the scale with the highest mean 'joint & on-manifold' rate over those runs. Chosen: **{scale}**.",
+            "",
+            "| scale | " + " | ".join(f"{t['name']} {m}" for t in TUNING for m in SWEEP_METHODS) + " | mean |",
+            "|---|" + "---|" * (len(TUNING) * len(SWEEP_METHODS) + 1),
+        ]
+        for s in SWEEP_SCALES:
+            row = [r for r in sweep_rows if r["scale"] == s]
+            cells = [f"{r['good']:.2f} (j {r['joint']:.2f}, m {r['on_manifold']:.2f})" for r in row]
+            lines.append(f"| {s} | " + " | ".join(cells) + f" | {np.mean([r['good'] for r in row]):.3f} |")
+        lines += ["", "Cells: joint & on-manifold rate (j = joint satisfaction, m = on-manifold rate).", ""]
+    else:
+        lines += [f"Given on the command line: adaptive rule, scale {scale} for every condition and method (no sweep).", ""]
+    lines += ["### Methods", ""] + [f"- `{m}`: {h}" for m, h in METHOD_HELP.items()] + [""]
+    lines += ["### Scenarios and results", ""]
+    for sc in scenarios:
+        methods = results[sc["name"]]
+        names = [n for n, _, _ in sc["conditions"]]
+        first = next(iter(methods.values()))[0]
+        lines += [
+            f"#### {sc['name']}",
+            "",
+            "Conditions (in order c1, c2, ...): " + "; ".join(f"`{n}` = {k} {o}" for n, k, o in sc["conditions"])
+            + f". Solver: {'DDIM eta=0' if sc.get('solver') == 'ddim' else 'DDPM ancestral'}. "
+            f"Satisfying prototypes: {first['satisfying_prototypes']}; mass of the exact target on them "
+            f"(the best joint satisfaction an exact sampler reaches; the ground truth p(c|k) is soft): "
+            f"{first['target_joint']:.3f}. Why: {sc['why']}.",
+            "",
+            "| method | joint | joint & on-man. | " + " | ".join(f"E({n})" for n in names)
+            + " | on-man. | coverage | TV | " + " | ".join(f"cos exact t{b}" for b in BAND_NAMES)
+            + " | non-finite G | CPU s |",
+            "|---|" + "---|" * (7 + len(names) + len(BANDS)),
+        ]
+        for method, runs in methods.items():
+            cells = [fmt([r["joint"] for r in runs]), fmt([r["joint_on_manifold"] for r in runs])]
+            for n in names:
+                bad = sum(r.get("final_energy_nonfinite", {}).get(n, 0) for r in runs)
+                cells.append(fmt([r["final_energy"][n] for r in runs], 3, False) + (f" ({bad} non-finite)" if bad else ""))
+            cells += [fmt([r["on_manifold"] for r in runs], 2, False), fmt([r["coverage"] for r in runs], 2, False),
+                      fmt([r["tv"] for r in runs], 2, False)]
+            if method in ("none", "oracle"):
+                cells += ["-"] * len(BANDS)
+            else:
+                cells += [fmt([r["cos_exact_band"][b] for r in runs], 2, False) for b in range(len(BANDS))]
+            cells.append(str(sum(r.get("nonfinite_steps", 0) for r in runs)))
+            cells.append(f"{sum(r['cpu_seconds'] for r in runs):.1f}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        if "sum" in methods:
+            dep = [fmt([r["cos_dependence_band"][b] for r in methods["sum"]], 2, False) for b in range(len(BANDS))]
+            lines += ["", "Dependence along the sum trajectories (cos between exact joint and sum of exact single "
+                      "gradients) per band " + ", ".join(f"t{b}: {d}" for b, d in zip(BAND_NAMES, dep)) + "."]
+        lines += ["", f"![energies over the steps, {sc['name']}](benchmarks/{figures['energies'][slug(sc['name'])]})", "",
+                  "Paper Figure 3: each condition's energy on the base model's clean estimate after every step, "
+                  "median over the samples of a seed set (a few diverged samples dominate the mean; quality.json "
+                  "has both), line: mean of the seed sets' medians, band: their min..max.", ""]
+    lines += ["### Figures", ""]
+    lines += [f"![joint satisfaction per method](benchmarks/{figures['joint']})", "",
+              "Joint satisfaction (blue) and joint & on-manifold rate (orange) per method; bars: mean over the seed "
+              "sets, whiskers: min..max over the seed sets.", ""]
+    if figures.get("cosine_conditions"):
+        lines += [f"![cosine between the conditions' gradients](benchmarks/{figures['cosine_conditions']})", "",
+                  "Paper Figure 1: cosine between g1 and g2 at x_t under sum, and between g1 and g2|1 under the "
+                  "dependent combiner, over the steps (band: min..max of the per-seed-set means).", ""]
+    lines += [f"![cosine to the exact gradient](benchmarks/{figures['cosine_exact']})", "",
+              "Cosine between each method's G and the exact grad log p(c|x_t) over the steps.", ""]
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="zmagic bench quality", description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=int, default=None, help="samples per method and scenario (default 256; --quick 48)")
+    p.add_argument("--seeds-sets", type=int, default=None, help="disjoint seed sets the samples are split into (default 4; --quick 3)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--quick", action="store_true", help="fewer samples, a smaller sweep")
+    p.add_argument("--scale", type=float, default=None, help="adaptive scale for every condition (skips the sweep)")
+    p.add_argument("--sweep-samples", type=int, default=None, help="samples per sweep run (default 32; --quick 16)")
+    p.add_argument("--scenarios", nargs="*", default=None, help="names of the scenarios to run (default all)")
+    p.add_argument("--methods", nargs="*", default=None, help="restrict the methods (default: each scenario's list)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", default="docs/benchmarks", help="folder for figures and results JSON")
+    p.add_argument("--page", default=None, help="markdown page to update (default: <out>/../benchmarks.md)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds comparable)")
+    p.add_argument("--replot", action="store_true",
+                   help="no sampling: redraw the figures and the page section from <out>/quality.json")
+    args = p.parse_args(argv)
+    args.samples = args.samples or (48 if args.quick else 256)
+    args.seeds_sets = args.seeds_sets or (3 if args.quick else 4)
+    args.sweep_samples = args.sweep_samples or (16 if args.quick else 32)
+    return args
+
+
+def main(argv: list[str]) -> int:
+    argv = [a for a in argv if a != "--"]  # `zmagic bench X -- ARGS`: the separator may be passed through
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    page = Path(args.page) if args.page else out.parent / "benchmarks.md"
+    started = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - started:7.1f} s] {msg}", flush=True)
+
+    if args.replot:
+        data = json.loads((out / "quality.json").read_text())
+        meta = data.get("meta", {})
+        scenarios = [s for s in SCENARIOS if s["name"] in data["results"]]
+        for key in ("samples", "seeds_sets", "steps"):
+            setattr(args, key, meta.get(key, getattr(args, key)))
+        figures = make_figures(data["results"], scenarios, out)
+        import datetime
+
+        mtime = datetime.datetime.fromtimestamp((out / "quality.json").stat().st_mtime, datetime.timezone.utc)
+        date = meta.get("date") or f"results written {mtime.strftime('%Y-%m-%d %H:%M UTC')}"
+        text = page_section(args, meta.get("argv", []), data["scale"], data["sweep"], data["results"], scenarios,
+                            figures, meta.get("wall", float("nan")), date, meta.get("revision"))
+        text = text.replace("\n\nSetting:", f"\n\nFigures and this section re-drawn on {now()} from quality.json by "
+                            f"`zmagic bench quality -- --replot` (no new sampling).\n\nSetting:", 1)
+        write_section(page, "quality", text)
+        log(f"re-plotted from {out / 'quality.json'}; wrote {page}")
+        return 0
+    meta = {"argv": list(argv), "samples": args.samples, "seeds_sets": args.seeds_sets, "steps": args.steps,
+            "date": now(), "revision": revision()}
+    world = ShapesModel(32)
+    if args.scale is None:
+        scale, sweep_rows = sweep(world, args.sweep_samples, args.steps, args.batch_size, log)
+        log(f"chosen scale {scale}")
+    else:
+        scale, sweep_rows = args.scale, []
+    scenarios = [s for s in SCENARIOS if args.scenarios is None or s["name"] in args.scenarios]
+    if not scenarios:
+        raise SystemExit(f"no scenario among {args.scenarios}; known: {[s['name'] for s in SCENARIOS]}")
+    sets = seed_sets(args.samples, args.seeds_sets)
+    results: dict[str, dict[str, list[dict]]] = {}
+    for sc in scenarios:
+        methods = sc.get("methods", TWO_CONDITION_METHODS if len(sc["conditions"]) == 2 else ["none", "sum", "oracle"])
+        if args.methods:
+            methods = [m for m in methods if m in args.methods]
+        results[sc["name"]] = {}
+        for method in methods:
+            runs = []
+            for seeds in sets:
+                runs.append(run_method(world, sc, method, seeds, scale, args.steps, args.batch_size))
+            results[sc["name"]][method] = runs
+            log(f"{sc['name']:>24} {method:>13}: joint {fmt([r['joint'] for r in runs])}, "
+                f"on-manifold {fmt([r['on_manifold'] for r in runs], 2, False)}, "
+                f"cos exact {[round(float(x), 2) for x in nanmean([r['cos_exact_band'] for r in runs])]}, "
+                f"{sum(r['cpu_seconds'] for r in runs):.1f} s cpu")
+        meta["wall"] = time.time() - started
+        (out / "quality.json").write_text(json.dumps({"scale": scale, "sweep": sweep_rows, "results": results,
+                                                      "meta": meta}))
+    figures = make_figures(results, scenarios, out)
+    text = page_section(args, list(argv), scale, sweep_rows, results, scenarios, figures, time.time() - started,
+                        meta["date"], meta["revision"])
+    write_section(page, "quality", text)
+    log(f"wrote {page} and figures in {out}")
+    return 0

@@ -1,0 +1,1 @@
+"""Layer 0, files: images in and out, weight files found and loaded safely."""

@@ -1,0 +1,75 @@
+"""Reverse-step maps Phi_t(x_t, score, z) (METHOD.md section 3).
+
+Each is a few lines of tensor maths, differentiable in x_t and in the score, so the dependent
+combiner can take vector-Jacobian products through a step.  Guidance enters only through the
+score argument.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from zmagic_core.contracts.components import Solver
+from zmagic_core.method.schedule import Schedule
+
+
+class DDPMOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DDPMSolver(Solver):
+    """Ancestral step for the VP SDE, the paper's form:
+    Phi = (2 - sqrt(1 - beta)) x + beta * score + sqrt(beta) z."""
+
+    Options = DDPMOptions
+
+    def step(self, x, score, z, abar_t, abar_next):
+        beta = Schedule.beta_eff(abar_t, abar_next)
+        return (2.0 - math.sqrt(1.0 - beta)) * x + beta * score + math.sqrt(beta) * z
+
+
+class DDIMOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="0: deterministic DDIM; 1: DDPM-like noise")
+
+
+class DDIMSolver(Solver):
+    """DDIM(eta) written in terms of the score: eps_hat = -sqrt(1 - abar_t) * score."""
+
+    Options = DDIMOptions
+
+    def __init__(self, eta: float = 0.0):
+        self.eta = eta
+
+    def step(self, x, score, z, abar_t, abar_next):
+        eps_hat = -math.sqrt(1.0 - abar_t) * score
+        x0_hat = (x - math.sqrt(1.0 - abar_t) * eps_hat) / math.sqrt(abar_t)
+        sigma = self.eta * math.sqrt((1.0 - abar_next) / (1.0 - abar_t) * (1.0 - abar_t / abar_next))
+        direction = math.sqrt(max(1.0 - abar_next - sigma**2, 0.0))
+        return math.sqrt(abar_next) * x0_hat + direction * eps_hat + sigma * z
+
+
+class PCOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    corrector_steps: int = Field(1, ge=0, le=20, description="Langevin corrector steps M")
+    snr: float = Field(0.16, gt=0.0, description="signal-to-noise ratio that sets the corrector step")
+
+
+class PCSolver(DDPMSolver):
+    """Predictor-corrector (Song et al.): the ancestral predictor, then M Langevin moves
+    x <- x + delta * score + sqrt(2 delta) z', delta = 2 (snr ||z'|| / ||score||)^2 per sample."""
+
+    Options = PCOptions
+
+    def __init__(self, corrector_steps: int = 1, snr: float = 0.16):
+        self.corrector_steps = corrector_steps
+        self.snr = snr
+
+    def correct(self, x, score, z):
+        dims = tuple(range(1, x.ndim))
+        z_norm = z.flatten(1).norm(dim=1)
+        s_norm = score.flatten(1).norm(dim=1).clamp_min(1e-12)
+        delta = (2.0 * (self.snr * z_norm / s_norm) ** 2).view(-1, *([1] * len(dims)))
+        return x + delta * score + torch.sqrt(2.0 * delta) * z

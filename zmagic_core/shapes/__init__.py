@@ -1,7 +1,0 @@
-"""The shapes world: an embedded diffusion model with an exact score, its energies and evaluation."""
-from .energies import AttributeEnergy, KeypointEnergy, MaskEnergy, StyleEnergy, reference_image
-from .evaluate import evaluate_samples, target_log_weights
-from .world import ShapesModel, render
-
-__all__ = ["ShapesModel", "render", "AttributeEnergy", "MaskEnergy", "KeypointEnergy", "StyleEnergy",
-           "reference_image", "evaluate_samples", "target_log_weights"]
