@@ -20,7 +20,7 @@ import torch
 from zmagic_core.assembly.build import load_recipe
 from zmagic_core.app.runner import generate
 
-FACES = Path(__file__).resolve().parents[1] / "examples" / "faces"
+FACES = Path(__file__).resolve().parents[2] / "examples" / "faces"
 
 IMAGE_SIZE = 32  # side of the tiny UNet's images
 PIXEL_UNET = dict(sample_size=IMAGE_SIZE, in_channels=3, out_channels=3, block_out_channels=(4, 8),

@@ -8,7 +8,7 @@ import torch
 from zmagic_core.assembly.build import build_pipeline, load_recipe
 from zmagic_core.plugins.registry import Registry
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "zmagic-brightness" / "zmagic_brightness" / "__init__.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "zmagic-brightness" / "zmagic_brightness" / "__init__.py"
 
 
 def load_example():
