@@ -2,11 +2,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
+# The core alone (no plugins), for the tests that must pass without them.
+CORE_VENV ?= .venv-core
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 # torch 2.14.1 + torchvision 0.29.1 install from this machine's local files; other machines use PyPI.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install clean
+.PHONY: demo test test-core test-all install clean
 
 $(VENV)/.installed: pyproject.toml $(PLUGINS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,13 +17,27 @@ $(VENV)/.installed: pyproject.toml $(PLUGINS)
 	$(PIP) install -q -e ".[diffusers,test]" $(foreach p,$(PLUGINS),-e $(dir $(p)))
 	touch $@
 
+$(CORE_VENV)/.installed: pyproject.toml
+	test -x $(CORE_VENV)/bin/python || python3 -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/pip install -q --upgrade pip
+	$(CORE_VENV)/bin/pip install -q $(TORCH)
+	$(CORE_VENV)/bin/pip install -q -e ".[diffusers,test]"
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/zmagic demo --out outputs/demo
 
+# Everything together: the core's tests, the integration tests (core + plugins), every plugin's tests.
 test: install
-	$(PY) -m pytest -q tests $(wildcard plugins/*/tests)
+	$(PY) -m pytest -q tests/core tests/integration $(wildcard plugins/*/tests)
+
+# The core's tests in a virtualenv that has the core (and its extras) but no plugin.
+test-core: $(CORE_VENV)/.installed
+	$(CORE_VENV)/bin/python -m pytest -q tests/core
+
+test-all: test-core test
 
 clean:
 	rm -rf outputs .pytest_cache

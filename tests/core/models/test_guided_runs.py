@@ -110,3 +110,33 @@ def test_cfg_clean_estimate_option(sd_dir):
     assert not torch.allclose(ev.grads[1], evaluate(plain, x, t, a, [style], [True]).grads[0])
     run = Pipeline(tame(model), DDIMSolver(0.0), DependentCombiner(), [style], steps=4).run([0], progress=False)
     assert not run.errors and run.images.shape == (1, 3, SD_SIZE, SD_SIZE)
+
+
+def test_predict_is_one_call_with_no_state_between_calls(sd_dir):
+    """predict() returns eps and the clean estimate together; decode() and eps() keep no state, so
+    the order of calls (or calls in between) cannot change what guidance sees."""
+    import math
+
+    kw = dict(id=str(sd_dir), prompt="a striped painting", guidance_scale=3.0, height=SD_SIZE, width=SD_SIZE)
+    model = MODEL_FACTORIES["stable-diffusion"](BuildContext(), clean_estimate="cfg", **kw)
+    x = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(7))
+    t = 400
+    a = float(model.alphas_cumprod[t])
+    with torch.no_grad():
+        eps_u, eps_c = model.eps(x, t), model.eps_cond(x, t)
+        x0_cfg = (x - math.sqrt(1 - a) * (eps_u + 3.0 * (eps_c - eps_u))) / math.sqrt(a)
+        image_before = model.decode(x0_cfg)
+    with torch.enable_grad():  # guidance passes run with grad on: that is when the CFG estimate is built
+        first = model.predict(x, t)
+        model.eps(torch.randn_like(x), 900)  # an unrelated call in between
+        model.decode(torch.randn_like(x))
+        second = model.predict(x, t)
+    for p in (first, second):
+        torch.testing.assert_close(p.eps, eps_u, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.x0, x0_cfg, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p.extras["eps_cond"], eps_c, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode(x0_cfg), image_before)  # decode is a pure function
+        plain = model.predict(x, t)  # no grad: a final-image pass, no conditional pass
+    assert plain.extras == {}
+    torch.testing.assert_close(plain.x0, (x - math.sqrt(1 - a) * eps_u) / math.sqrt(a), rtol=1e-4, atol=1e-5)

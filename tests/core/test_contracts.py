@@ -1,0 +1,165 @@
+"""The contracts the layers rest on: the factory contract, evaluators, the pipeline's ownership of
+its conditions, the corrector's combiner, and one check of the recipe per run."""
+import json
+
+import pytest
+import torch
+from pydantic import BaseModel, ConfigDict
+
+import zmagic_core
+from zmagic_core import (BuildContext, Combined, Combiner, Condition, ConfigError, DDPMSolver, Evaluator,
+                         FinishedRun, PCSolver, Pipeline, ShapesModel, SumCombiner, hookimpl, load_recipe)
+from zmagic_core.app.runner import generate
+from zmagic_core.models.shapes import AttributeEnergy, MaskEnergy
+from zmagic_core.plugins.registry import Registry
+
+RECIPE = {"model": {"kind": "shapes", "size": 16}, "solver": {"kind": "ddpm", "steps": 8},
+          "conditions": [{"kind": "shapes-attribute", "name": "red", "attribute": "color", "value": "red",
+                          "scale": 0.25}],
+          "num_samples": 3, "batch_size": 3, "progress": False}
+
+
+class CountingOptions(BaseModel):
+    """Options of the test energy; counts how often a recipe's options are validated."""
+    model_config = ConfigDict(extra="forbid")
+    level: float = 0.0
+
+
+VALIDATIONS = []
+
+
+class Brightness(zmagic_core.Energy):
+    def __init__(self, level):
+        super().__init__()
+        self.level = level
+
+    def forward(self, images):
+        return (images.mean(dim=(1, 2, 3)) - self.level).abs()
+
+
+def build_brightness(context, **options):
+    return Brightness(options.get("level", 0.0))
+
+
+class MeanBrightness(Evaluator):
+    def applies_to(self, recipe):
+        return True
+
+    def evaluate(self, run: FinishedRun):
+        return {"mean": float(run.images.mean()), "n": len(run.indices), "model": type(run.model).__name__,
+                "conditions": [c.name for c in run.conditions]}
+
+
+class Broken(Evaluator):
+    def applies_to(self, recipe):
+        return True
+
+    def evaluate(self, run):
+        raise RuntimeError("no reference folder")
+
+
+class NotForShapes(Evaluator):
+    def applies_to(self, recipe):
+        return recipe["model"]["kind"] != "shapes"
+
+    def evaluate(self, run):  # pragma: no cover - must not be called
+        raise AssertionError("asked for a run it does not apply to")
+
+
+class TestPlugin:
+    @hookimpl
+    def register_energies(self, register):
+        def validate(data):
+            VALIDATIONS.append(dict(data))
+            return CountingOptions.model_validate(data)
+
+        options = type("Options", (CountingOptions,), {"model_validate": classmethod(lambda cls, d: validate(d))})
+        register("test-brightness", build_brightness, options=options, aliases=("tb",), component=Brightness)
+
+    @hookimpl
+    def register_evaluators(self, register):
+        register("mean-brightness", lambda context, **o: MeanBrightness())
+        register("broken", lambda context, **o: Broken())
+        register("not-for-shapes", lambda context, **o: NotForShapes())
+
+
+@pytest.fixture
+def registry():
+    reg = Registry(load_entry_points=False)
+    reg.register_plugin(TestPlugin(), "test-plugin")
+    return reg
+
+
+def test_factory_contract_is_explicit(registry):
+    reg = registry.get("energy", "tb")
+    assert reg.name == "test-brightness" and reg.aliases == ("tb",) and reg.component is Brightness
+    assert issubclass(reg.options, CountingOptions)
+    combiner = registry.get("combiner", "cagrad")
+    assert combiner.component is zmagic_core.CAGradCombiner and combiner.options is zmagic_core.CAGradCombiner.Options
+    sd = registry.get("model", "stable-diffusion")
+    assert sd.adds_conditions({"prompt": "a face"}) == 1 and sd.adds_conditions({}) == 0
+    with pytest.raises(ConfigError, match=r"conditions\.0\.options.*level"):
+        load_recipe({**RECIPE, "conditions": [{"kind": "tb", "level": "bright"}]}, registry=registry)
+
+
+def test_recipe_is_checked_once_per_run(registry, tmp_path):
+    VALIDATIONS.clear()
+    recipe = load_recipe({**RECIPE, "conditions": [{"kind": "test-brightness", "level": 0.3}]}, registry=registry)
+    generate(recipe, tmp_path / "run", registry=registry)
+    assert VALIDATIONS == [{"level": 0.3}]  # load_recipe checked; generate and its build reused that check
+
+
+def test_evaluators_add_metrics_and_one_failure_loses_nothing(registry, tmp_path):
+    recipe = load_recipe(RECIPE, registry=registry)
+    record = generate(recipe, tmp_path / "run", registry=registry)
+    evaluation = record["evaluation"]
+    assert evaluation["mean-brightness"]["n"] == 3 and evaluation["mean-brightness"]["model"] == "ShapesModel"
+    assert evaluation["mean-brightness"]["conditions"] == ["red"]
+    assert evaluation["shapes"]["summary"]["samples"] == 3  # the core's own evaluator, through the same hook
+    assert "not-for-shapes" not in evaluation
+    assert evaluation["errors"] == {"broken": "RuntimeError: no reference folder"}
+    stored = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert stored["evaluation"]["mean-brightness"] == evaluation["mean-brightness"]
+    # a resumed run (nothing left to generate) still evaluates, building the model it needs
+    again = generate(load_recipe(RECIPE, registry=registry), tmp_path / "run", registry=registry)
+    assert again["evaluation"]["shapes"] == evaluation["shapes"]
+
+
+def test_pipeline_copies_conditions_instead_of_renaming_them():
+    world = ShapesModel(16)
+    a = Condition("c", AttributeEnergy(world, "color", "red"), scale=0.25)
+    b = Condition("c", MaskEnergy(world, "red circle center"), scale=0.25)
+    pipe = Pipeline(world, DDPMSolver(), SumCombiner(), [a, b], steps=4)
+    assert [c.name for c in pipe.conditions] == ["c", "c#2"]
+    assert a.name == "c" and b.name == "c"  # the caller's objects are untouched
+    assert pipe.conditions[1].energy is b.energy
+
+
+class ScaledSum(Combiner):
+    """Sum of the active g_i times a factor; records every call."""
+
+    def __init__(self, factor):
+        self.factor, self.calls = factor, 0
+
+    def combine(self, step):
+        self.calls += 1
+        return Combined(self.factor * torch.stack([g.detach() for g in step.base().grads]).sum(0))
+
+
+def test_corrector_combiner_is_a_parameter():
+    world = ShapesModel(16)
+    conds = [Condition("red", AttributeEnergy(world, "color", "red"), scale=0.25)]
+    solver = PCSolver(corrector_steps=1)
+    default = Pipeline(world, solver, SumCombiner(), conds, steps=5).run([0], progress=False)
+    corrector = ScaledSum(1.0)
+    same = Pipeline(world, solver, SumCombiner(), conds, steps=5, corrector_combiner=corrector).run([0], progress=False)
+    assert corrector.calls == 4  # one corrector move after every step but the last
+    assert torch.equal(same.samples, default.samples)  # the default is the sum
+    other = Pipeline(world, solver, SumCombiner(), conds, steps=5, corrector_combiner=ScaledSum(3.0)).run(
+        [0], progress=False)
+    assert not torch.equal(other.samples, default.samples)
+
+
+def test_build_context_defaults():
+    ctx = BuildContext()
+    assert ctx.device == torch.device("cpu") and ctx.model is None
