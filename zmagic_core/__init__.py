@@ -5,8 +5,8 @@ This module is the public API: everything a plugin author or a script needs, lis
 command) stays light until something is asked for.
 
 Layers, lowest first (a layer imports only the ones before it; docs/architecture.md):
-``contracts`` and ``files`` -> ``method`` -> ``models`` and ``sampling`` -> ``plugins`` ->
-``assembly`` -> ``app``.
+``contracts`` -> ``files`` -> ``method`` -> ``models`` and ``sampling`` (same rank, never each
+other) -> ``plugins`` -> ``assembly`` -> ``app``.
 """
 from __future__ import annotations
 

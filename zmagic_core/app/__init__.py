@@ -1,1 +1,1 @@
-"""Layer 5, the application: the `zmagic` command, run folders, the demo, plots and benchmarks."""
+"""Layer 6, the application: the `zmagic` command, run folders, the demo, plots and benchmarks."""

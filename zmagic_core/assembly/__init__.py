@@ -1,1 +1,1 @@
-"""Layer 4, assembly: a recipe file checked against the registry and built into a Pipeline."""
+"""Layer 5, assembly: a recipe file checked against the registry and built into a Pipeline."""

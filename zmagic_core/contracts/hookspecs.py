@@ -6,9 +6,10 @@ Every hook receives a ``register`` callback, so one plugin can register several 
              adds_conditions=count)
 
 * ``factory(context, **options)`` builds the component; ``context`` is a :class:`BuildContext`
-  (device, dtype, the base model once built, the run seed).
+  (device, dtype, the run seed, and for energies the base model, built first).
 * ``options``: a pydantic model; a recipe's options are validated with it before anything loads,
-  and the factory receives the validated values.  Without it options pass through unchecked.
+  and the factory receives the validated values of the options the recipe sets (defaults stay the
+  factory's to apply, e.g. by building the model).  Without it options pass through unchecked.
 * ``component``: the class the factory builds, when known before building (a combiner's
   ``min_conditions`` / ``max_conditions`` are then checked against the recipe up front).
 * ``adds_conditions`` (models only): ``count(options) -> int``, how many conditions the model puts

@@ -1,1 +1,1 @@
-"""Layer 0, files: images in and out, weight files found and loaded safely."""
+"""Layer 1, files: images in and out, weight files found and loaded safely."""

@@ -3,9 +3,11 @@
     w* = argmin_{w in simplex} (K 1/m)^T w + sqrt(phi) ||R w||,   K = G G^T = R^T R,
     d  = g0 + sqrt(phi) / ||g_w*|| g_w*,   g0 = mean of the rows of G,   phi = c^2 ||g0||^2.
 
-Every sample of a batch is its own problem; one step's problems are solved together as one
-block-separable SOCP, compiled once per (batch, m) with parameters and re-solved every step.
-The problem stays DPP: sqrt(phi) is multiplied into R's value, not kept as a parameter.
+Every sample of a batch is its own problem, compiled once per m with parameters and re-solved for
+each sample at every step: a sample's weights never depend on the other samples of its batch (a
+block problem over the batch is faster per problem, ~0.2 ms against ~1 ms, but the solver's stopping
+rule then couples the samples).  The problem stays DPP: sqrt(phi) is multiplied into R's value, not
+kept as a parameter.
 """
 from __future__ import annotations
 
@@ -75,7 +77,8 @@ def cagrad_weights_batch(grams: np.ndarray, c: float) -> np.ndarray:
     sqrt_phi = c * np.sqrt(np.clip(K.mean(axis=(1, 2)), 0.0, None))  # ||g0||^2 = 1^T K 1 / m^2
     eigval, eigvec = np.linalg.eigh(K)
     R = np.sqrt(np.clip(eigval, 0.0, None))[:, :, None] * np.swapaxes(eigvec, 1, 2)  # K = R^T R
-    w = simplex_problem(batch, m).solve(K.mean(axis=2), sqrt_phi[:, None, None] * R)
+    problem, A = simplex_problem(1, m), sqrt_phi[:, None, None] * R
+    w = np.concatenate([problem.solve(K[i].mean(axis=1), A[i:i + 1]) for i in range(batch)])
     w[~good] = 1.0 / m
     return w
 

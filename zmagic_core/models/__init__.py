@@ -1,2 +1,2 @@
-"""Layer 2, base models: the embedded shapes world (:mod:`.shapes`) and pretrained diffusers
+"""Layer 3, base models: the embedded shapes world (:mod:`.shapes`) and pretrained diffusers
 models (:mod:`.pretrained`). Each implements the DiffusionModel contract."""

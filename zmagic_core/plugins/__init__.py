@@ -1,1 +1,1 @@
-"""Layer 3, the plugin system: discovery of entry points and the core's own registrations."""
+"""Layer 4, the plugin system: discovery of entry points and the core's own registrations."""

@@ -1,1 +1,1 @@
-"""Layer 2, sampling: the guided sampling loop over a model, a solver, a combiner and conditions."""
+"""Layer 3, sampling: the guided sampling loop over a model, a solver, a combiner and conditions."""

@@ -12,7 +12,7 @@ Choices (METHOD.md sections 1, 2 and 4):
   clean estimate for every condition, as in METHOD.md section 1).  FreeDoM's SD style code decodes
   the CFG estimate instead; here the prompt's pull on the second energy enters through the
   dependent combiner's x_hat, which is the paper's point.  Option ``clean_estimate="cfg"``
-  gives FreeDoM's choice (see StableDiffusionModel.eps / decode).
+  gives FreeDoM's choice (see StableDiffusionModel.predict).
 * x_t is the latent (4, H/8, W/8) in the scaled space (VAE latents times ``scaling_factor``);
   decode divides by it and runs the VAE decoder, giving images in [-1, 1].
 * The unconditional and conditional passes run separately (not as one batch of 2B): an energy's

@@ -15,7 +15,8 @@ from torch import nn
 from zmagic_core.contracts.components import BuildContext, Energy
 from zmagic_core.contracts.errors import ConfigError, InputError
 from zmagic_core.files.images import load_image
-from zmagic_core.models.shapes.world import ATTRIBUTES, BACKGROUND, COLORS, POSITIONS, SHAPES, ShapesModel, render
+from zmagic_core.models.shapes.world import (ATTRIBUTES, BACKGROUND, COLORS, POSITIONS, SHAPES, ShapesModel,
+                                             per_sample_matmul, render)
 
 Reference = Union[str, dict[str, str]]
 
@@ -86,7 +87,7 @@ class AttributeEnergy(ShapesEnergy):
 
     def forward(self, images):
         flat = images.flatten(1)
-        d2 = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.mu.T + self.mu_sq
+        d2 = flat.pow(2).sum(1, keepdim=True) - 2 * per_sample_matmul(flat, self.mu.T) + self.mu_sq
         logits = -d2 / (2 * self.tau**2)
         return torch.logsumexp(logits, 1) - torch.logsumexp(logits[:, self.mask], 1)
 
@@ -192,7 +193,9 @@ class StyleEnergy(ShapesEnergy):
     def gram(self, images):
         feats = images if self.conv is None else torch.tanh(self.conv(images))
         f = feats.flatten(2)
-        return f @ f.transpose(1, 2) / f.shape[-1]
+        # products summed over pixels, not a batched matmul: bmm's kernel (hence the bits) can change with
+        # the batch, under vmap and double backward too, and a sample must not depend on its batch
+        return (f[:, :, None, :] * f[:, None, :, :]).sum(-1) / f.shape[-1]
 
     def forward(self, images):
         return (self.gram(images) - self.target).flatten(1).norm(dim=1)

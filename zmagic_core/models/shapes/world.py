@@ -69,6 +69,16 @@ class Prototype:
         return {"shape": self.shape, "color": self.color, "position": self.position}
 
 
+def per_sample_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b computed one row of ``a`` at a time.
+
+    A batched matrix product may pick another kernel (another summation order) for another number
+    of rows, so a sample's bits would depend on its batch; one row at a time they never do."""
+    if a.shape[0] == 1:
+        return a @ b
+    return torch.cat([row @ b for row in a.split(1)])
+
+
 class ShapesModel(DiffusionModel):
     """The exact eps(x_t, t) of the shapes mixture, with the same interface as a diffusers UNet."""
 
@@ -107,7 +117,7 @@ class ShapesModel(DiffusionModel):
 
     def _logits(self, x: torch.Tensor, abar: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         flat = x.flatten(1)
-        d2 = flat.pow(2).sum(1, keepdim=True) - 2 * abar.sqrt() * flat @ self.mu.T + abar * self.mu_sq
+        d2 = flat.pow(2).sum(1, keepdim=True) - 2 * abar.sqrt() * per_sample_matmul(flat, self.mu.T) + abar * self.mu_sq
         return -d2 / (2 * var) + self.log_weights
 
     def variance(self, abar: torch.Tensor) -> torch.Tensor:
@@ -122,7 +132,7 @@ class ShapesModel(DiffusionModel):
         abar = self._abar(t)
         var = self.variance(abar)
         r = torch.softmax(self._logits(x_t, abar, var), dim=1)
-        return ((abar.sqrt() * r @ self.mu - x_t.flatten(1)) / var).view_as(x_t)
+        return ((abar.sqrt() * per_sample_matmul(r, self.mu) - x_t.flatten(1)) / var).view_as(x_t)
 
     def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         return -torch.sqrt(1 - self._abar(t)) * self.score(x_t, t)
