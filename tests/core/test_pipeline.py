@@ -96,6 +96,8 @@ def test_non_finite_guidance_falls_back_per_sample(world, combiner):
     assert torch.isfinite(r.samples).all()
     assert all("fallback" not in rec for rec in r.trace[0])
     assert all(rec.get("fallback") == "sum-of-finite" for rec in r.trace[1])
+    assert all("disabled" not in rec for rec in r.trace[0])  # the condition is reported, per sample and step
+    assert all(rec["disabled"] == ["nan"] for rec in r.trace[1])
 
 
 class FlakyModel(ShapesModel):

@@ -162,8 +162,12 @@ class Pipeline:
         if combined is not None:
             extra = {k: v for k, v in combined.info.items() if torch.is_tensor(v) and v.ndim == 1}
         gnorm = guidance.flatten(1).norm(dim=1)
+        # a guided condition whose energy or gradient is not finite for a sample did not guide it
+        finite = {n: torch.isfinite(energies[n]) & torch.isfinite(g.flatten(1)).all(1)
+                  for n, g in grads.items() if g is not None}
         records = []
         for b in range(x.shape[0]):
+            disabled = [n for n, ok in finite.items() if not bool(ok[b])]
             records.append({
                 "energy": {n: float(e[b]) for n, e in energies.items()},
                 "grad_norm": {n: float(g[b].norm()) for n, g in grads.items() if g is not None},
@@ -171,6 +175,7 @@ class Pipeline:
                 "guidance_norm": float(gnorm[b]),
                 **{k: float(v[b]) for k, v in extra.items()},
                 **({"fallback": fallback[b]} if fallback[b] else {}),
+                **({"disabled": disabled} if disabled else {}),
             })
         return records
 
