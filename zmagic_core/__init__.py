@@ -21,6 +21,8 @@ _PUBLIC = {
     "Energy": "contracts.components", "Solver": "contracts.components", "Combiner": "contracts.components",
     "Combined": "contracts.components", "Evaluator": "contracts.components", "FinishedRun": "contracts.components",
     "BuildContext": "contracts.components",
+    # options that name files (resolved against the recipe's folder; hashed into a run's identity)
+    "FilePath": "contracts.options", "PathOrName": "contracts.options", "PathOption": "contracts.options",
     # plugin hooks
     "hookimpl": "contracts.hookspecs", "hookspec": "contracts.hookspecs",
     # errors a user can act on
@@ -69,6 +71,7 @@ if TYPE_CHECKING:  # static analysers see the names
     from zmagic_core.contracts.errors import (ConfigError, InputError, PluginError, UnknownComponentError,  # noqa: F401
                                               WeightsNotFoundError, ZmagicError)
     from zmagic_core.contracts.hookspecs import hookimpl, hookspec  # noqa: F401
+    from zmagic_core.contracts.options import FilePath, PathOption, PathOrName  # noqa: F401
     from zmagic_core.files.images import load_image, save_image  # noqa: F401
     from zmagic_core.files.weights import (WEIGHTS_DIR_ENV, find_weights, hub_offline, load_strict,  # noqa: F401
                                            read_state_dict, search_dirs, unreachable)

@@ -163,3 +163,28 @@ def test_corrector_combiner_is_a_parameter():
 def test_build_context_defaults():
     ctx = BuildContext()
     assert ctx.device == torch.device("cpu") and ctx.model is None
+
+
+class PathsOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: zmagic_core.FilePath
+    label: str = "x"
+
+
+class PathsPlugin:
+    @hookimpl
+    def register_energies(self, register):
+        register("paths", lambda context, **o: Brightness(0.0), options=PathsOptions)
+
+
+def test_only_declared_path_options_are_rewritten(tmp_path, monkeypatch):
+    (tmp_path / "recipes" / "ref.png").parent.mkdir()
+    (tmp_path / "recipes" / "ref.png").write_bytes(b"")
+    (tmp_path / "recipes" / "blue").mkdir()  # a folder that happens to share a label's name
+    recipe_file = tmp_path / "recipes" / "r.yaml"
+    recipe_file.write_text("conditions: [{kind: paths, image: ref.png, label: blue}]\n")
+    monkeypatch.chdir(tmp_path)
+    reg = Registry(load_entry_points=False)
+    reg.register_plugin(PathsPlugin(), "paths")
+    recipe = load_recipe(recipe_file, registry=reg)
+    assert recipe.conditions[0].options == {"image": str(tmp_path / "recipes" / "ref.png"), "label": "blue"}

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from zmagic_core.assembly.recipe import ComponentSpec, Recipe, format_validation_error, read_recipe
 from zmagic_core.contracts.components import BuildContext
 from zmagic_core.contracts.errors import ConfigError, UnknownComponentError
+from zmagic_core.contracts.options import path_fields
 from zmagic_core.method.guidance import Condition
 from zmagic_core.plugins.registry import Registration, Registry, get_registry
 from zmagic_core.sampling.pipeline import Pipeline
@@ -51,7 +52,22 @@ def _registration(registry: Registry, category: str, spec: ComponentSpec, where:
         raise ConfigError(f"{where}.kind: {exc}") from None
 
 
-def _checked_options(registration: Registration, spec: ComponentSpec, where: str) -> dict:
+def _resolve_paths(registration: Registration, spec: ComponentSpec, base: Optional[str]) -> None:
+    """Relative values of the options declared as paths resolve against the recipe's folder, so a recipe
+    works from any working directory; a path-or-name option only when that file or folder exists."""
+    if base is None or registration.options is None:
+        return
+    for key, marker in path_fields(registration.options).items():
+        value = spec.options.get(key)
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        candidate = Path(base) / value
+        if not marker.or_name or candidate.exists():
+            spec.options[key] = str(candidate)
+
+
+def _checked_options(registration: Registration, spec: ComponentSpec, where: str, base: Optional[str] = None) -> dict:
+    _resolve_paths(registration, spec, base)
     options_model = registration.options
     if options_model is None:
         return dict(spec.options)
@@ -72,11 +88,11 @@ def check_recipe(recipe: Recipe, registry: Optional[Registry] = None) -> Checked
     for category, spec, where in (("model", recipe.model, "model"), ("solver", recipe.solver, "solver"),
                                   ("combiner", recipe.combiner, "combiner")):
         reg = _registration(registry, category, spec, where)
-        plan.parts[where] = (reg, _checked_options(reg, spec, where))
+        plan.parts[where] = (reg, _checked_options(reg, spec, where, recipe._source_dir))
     for i, cond in enumerate(recipe.conditions):
         where = f"conditions.{i}"
         reg = _registration(registry, "energy", cond, where)
-        plan.parts[where] = (reg, _checked_options(reg, cond, where))
+        plan.parts[where] = (reg, _checked_options(reg, cond, where, recipe._source_dir))
 
     model_reg, model_options = plan.parts["model"]
     n = len(recipe.conditions) + (model_reg.adds_conditions(model_options) if model_reg.adds_conditions else 0)

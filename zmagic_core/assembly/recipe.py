@@ -83,7 +83,8 @@ class Recipe(BaseModel):
     output: Optional[str] = None
     progress: bool = True
 
-    _plan: Any = PrivateAttr(default=None)  # (registry, CheckedRecipe) once checked: checked once per run
+    _plan: Any = PrivateAttr(default=None)  # the CheckedRecipe once checked: checked once per run
+    _source_dir: Optional[str] = PrivateAttr(default=None)  # folder of the recipe file: base of relative paths
 
     def sample_seeds(self) -> list[int]:
         return list(self.seeds) if self.seeds is not None else [self.seed + i for i in range(self.num_samples)]
@@ -161,18 +162,8 @@ def read_recipe(source: Union[str, Path, dict], overrides: tuple[str, ...] | lis
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
     if not isinstance(source, dict):
-        _resolve_relative_paths(recipe, Path(source).resolve().parent)
+        recipe._source_dir = str(Path(source).resolve().parent)
     return recipe
-
-
-def _resolve_relative_paths(recipe: Recipe, base: Path) -> None:
-    """Option values naming files next to the recipe (references, checkpoints) work from any folder."""
-    for spec in [recipe.model, *recipe.conditions]:
-        for key, value in spec.options.items():
-            if isinstance(value, str) and value and not Path(value).is_absolute() and not Path(value).exists():
-                candidate = base / value
-                if candidate.exists():
-                    spec.options[key] = str(candidate)
 
 
 def recipe_identity(recipe: Recipe) -> dict:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from zmagic_core.contracts.components import BuildContext, DiffusionModel
 from zmagic_core.contracts.errors import ConfigError
+from zmagic_core.contracts.options import FilePath, PathOrName
 from zmagic_core.models.pretrained.attention import ATTENTION_POLICIES, attention_context, checkpoint_function
 from zmagic_core.method.predictions import PREDICTION_TYPES, alphas_cumprod_from_config, output_to_eps
 from zmagic_core.models.pretrained.loading import (fp32, load_pretrained, load_checkpoint_into, parse_dtype, read_scheduler_config, resolve_device, resolve_source)
@@ -64,14 +65,14 @@ class DiffusersPixelModel(DiffusionModel):
 
 class DiffusersPixelOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: str = Field(DEFAULT_PIXEL_ID, description="hub id or local folder (pipeline, flat or bare UNet layout)")
-    path: Optional[str] = Field(None, description="local folder; overrides id and must exist")
+    id: PathOrName = Field(DEFAULT_PIXEL_ID, description="hub id or local folder (pipeline, flat or bare UNet layout)")
+    path: Optional[FilePath] = Field(None, description="local folder; overrides id and must exist")
     subfolder: Optional[str] = Field(None, description="UNet subfolder; default: 'unet' if present, else the root")
     scheduler_subfolder: Optional[str] = Field(
         None, description="scheduler subfolder; default: 'scheduler' if present, else the root")
     revision: Optional[str] = None
     local_files_only: bool = Field(False, description="never contact the hub")
-    checkpoint: Optional[str] = Field(
+    checkpoint: Optional[FilePath] = Field(
         None, description="single-file UNet state dict (.safetensors; .ckpt/.bin/.pt via torch.load(weights_only=True)) "
                           "loaded over the weights, diffusers key names")
     dtype: Optional[Literal["float32", "float16", "bfloat16"]] = Field(

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from zmagic_core.contracts.components import BuildContext, DiffusionModel, Prediction
 from zmagic_core.contracts.errors import ConfigError
+from zmagic_core.contracts.options import FilePath, PathOrName
 from zmagic_core.method.guidance import Condition, rms
 from zmagic_core.models.pretrained.attention import ATTENTION_POLICIES, attention_context, checkpoint_function
 from zmagic_core.method.predictions import PREDICTION_TYPES, alphas_cumprod_from_config, output_to_eps, tweedie_x0
@@ -184,8 +185,8 @@ def encode_prompt(tokenizer, text_encoder, prompt: str, device: torch.device) ->
 
 class StableDiffusionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: str = Field(DEFAULT_SD_ID, description="hub id or local folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/")
-    path: Optional[str] = Field(None, description="local folder; overrides id and must exist")
+    id: PathOrName = Field(DEFAULT_SD_ID, description="hub id or local folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/")
+    path: Optional[FilePath] = Field(None, description="local folder; overrides id and must exist")
     revision: Optional[str] = None
     variant: Optional[str] = Field(None, description="weight variant, e.g. 'fp16' (files *.fp16.safetensors)")
     local_files_only: bool = False
@@ -208,7 +209,7 @@ class StableDiffusionOptions(BaseModel):
         "uncond", description="what energies decode: the unconditional Tweedie estimate (default, one clean "
                               "estimate for all conditions) or the CFG one (FreeDoM's SD code; +1 UNet pass "
                               "per evaluation, energy gradients through both passes)")
-    unet_checkpoint: Optional[str] = Field(
+    unet_checkpoint: Optional[FilePath] = Field(
         None, description="single-file UNet state dict in diffusers key names (.safetensors preferred)")
 
     @model_validator(mode="after")

@@ -14,11 +14,12 @@ from torch import nn
 
 from zmagic_core.contracts.components import BuildContext, Energy
 from zmagic_core.contracts.errors import ConfigError, InputError
+from zmagic_core.contracts.options import PathOrName
 from zmagic_core.files.images import load_image
 from zmagic_core.models.shapes.world import (ATTRIBUTES, BACKGROUND, COLORS, POSITIONS, SHAPES, ShapesModel,
                                              per_sample_matmul, render)
 
-Reference = Union[str, dict[str, str]]
+Reference = Union[PathOrName, dict[str, str]]  # a prototype ('red circle center' or its fields) or an image file
 
 
 def _world(context: BuildContext) -> ShapesModel:
