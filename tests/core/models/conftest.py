@@ -1,7 +1,6 @@
 """Tiny diffusers models saved to disk, loaded back through the model kinds (offline)."""
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -38,20 +37,19 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def write_clip_tokenizer(folder: Path) -> Path:
-    """vocab.json + merges.txt of the real CLIP BPE, from open_clip's bundled vocabulary."""
-    import open_clip
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
-    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    merges = [tuple(m.split()) for m in lines]
-    vocab = list(_bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
+
+def write_clip_tokenizer(folder: Path) -> tuple[Path, int]:
+    """vocab.json + merges.txt of a tiny byte-level CLIP BPE (the real format, a few merges), and the
+    id of its first special token; no download and no other package's vocabulary needed."""
+    chars = list(_bytes_to_unicode().values())
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "i"), ("p", "ai"), ("s", "t"), ("st", "r")]
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + list(SPECIAL_TOKENS)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return folder
+    return folder, len(vocab) - len(SPECIAL_TOKENS)
 
 
 @pytest.fixture(scope="session")
@@ -75,10 +73,10 @@ def sd_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sd")
     UNet2DConditionModel(**SD_UNET).save_pretrained(root / "unet")
     AutoencoderKL(**SD_VAE).save_pretrained(root / "vae")
-    CLIPTextModel(CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, hidden_size=8, intermediate_size=16,
+    raw, bos = write_clip_tokenizer(tmp_path_factory.mktemp("bpe"))
+    CLIPTextModel(CLIPTextConfig(bos_token_id=bos, eos_token_id=bos + 1, hidden_size=8, intermediate_size=16,
                                  layer_norm_eps=1e-5, num_attention_heads=2, num_hidden_layers=2,
-                                 pad_token_id=49407, vocab_size=49408)).save_pretrained(root / "text_encoder")
-    raw = write_clip_tokenizer(tmp_path_factory.mktemp("bpe"))
+                                 pad_token_id=bos + 1, vocab_size=bos + 2)).save_pretrained(root / "text_encoder")
     CLIPTokenizer.from_pretrained(str(raw), model_max_length=77).save_pretrained(root / "tokenizer")
     DDIMScheduler(**SD_SCHEDULER).save_pretrained(root / "scheduler")
     return root
