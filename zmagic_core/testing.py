@@ -1,4 +1,5 @@
-"""Fixtures shared by the core's and the plugins' test suites (import them in a conftest.py)."""
+"""Public pytest fixtures for the core's and plugins' test suites: ``from zmagic_core.testing import
+one_thread`` in a conftest.py (the one submodule besides the top-level API that plugins may import)."""
 import pytest
 import torch
 

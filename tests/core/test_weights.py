@@ -95,5 +95,5 @@ def test_not_tensors_and_wrong_architecture(tmp_path):
     torch.save({"weight": [1, 2]}, path)
     with pytest.raises(InputError, match="does not hold a state dict of tensors"):
         read_state_dict(path)
-    with pytest.raises(InputError, match=r"does not fit the Linear architecture: missing bias; wrong shape weight"):
+    with pytest.raises(InputError, match=r"does not fit the Linear architecture: missing bias; wrong shape weight \(file \(2, 2\), model \(3, 2\)\)"):
         load_strict(nn.Linear(2, 3), {"weight": torch.zeros(2, 2)}, path, "Linear")

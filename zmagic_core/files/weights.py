@@ -130,7 +130,8 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Union[st
             state[key] = torch.zeros((), dtype=torch.long)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    wrong = [f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
         def few(keys):
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")

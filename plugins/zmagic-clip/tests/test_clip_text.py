@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zmagic_core import BuildContext, ConfigError, InputError, WeightsNotFoundError
-from zmagic_clip import ClipTextEnergy, ClipTextOptions, build_clip_text
-from zmagic_clip.loading import OPENAI_MEAN, OPENAI_STD
+from zmagic_core import BuildContext, ConfigError, InputError, WeightsNotFoundError, get_registry
+from zmagic_clip import OPENAI_MEAN, OPENAI_STD, ClipTextEnergy, ClipTextOptions, build_clip_text
 
 TINY_NAME = "zmagic-clip-tiny-test"  # as in conftest.py
 
@@ -39,9 +38,7 @@ def reference_energy(model, x, prompt, distance):
 
 
 def test_registry_finds_clip_text():
-    from zmagic_core.plugins.registry import Registry
-
-    reg = Registry().get("energy", "clip-text")
+    reg = get_registry().get("energy", "clip-text")
     assert reg.factory is build_clip_text
     assert reg.options is ClipTextOptions
 
@@ -116,11 +113,11 @@ def test_missing_checkpoint(tiny, tmp_path):
 def test_unreadable_checkpoint(tiny, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match="cannot read checkpoint"):
+    with pytest.raises(InputError, match="cannot read weights file .*bad.pt"):
         build(tiny, checkpoint=str(bad))
     bad_st = tmp_path / "bad.safetensors"
     bad_st.write_bytes(b"\x00" * 20)
-    with pytest.raises(InputError, match="cannot read checkpoint"):
+    with pytest.raises(InputError, match="cannot read weights file .*bad.safetensors"):
         build(tiny, checkpoint=str(bad_st))
 
 

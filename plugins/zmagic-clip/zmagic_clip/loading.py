@@ -8,9 +8,13 @@ Weights come from one of two places:
   and downloaded only when allowed (``download=True``, ``HF_HUB_OFFLINE`` unset) and the hub is
   reachable (a 3 s probe, so an offline machine fails at once instead of retrying for ~25 s).
 
-Anything that goes wrong raises a :mod:`zmagic_core.contracts.errors` error at build time.
+Anything that goes wrong raises one of the core's errors (``from zmagic_core import ...``:
+ConfigError, InputError, WeightsNotFoundError) at build time.  Reading the state dict and deciding
+whether a download may be tried are the core's weight helpers (``read_state_dict``, ``hub_offline``,
+``unreachable``).
 
-zmagic-style imports this module for its CLIP backbone (it depends on zmagic-clip).
+zmagic-style uses :class:`LoadedClip`, :func:`load_open_clip` and the constants below for its CLIP
+backbone; it imports them from the package (``from zmagic_clip import ...``), not from this module.
 """
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -26,13 +29,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from zmagic_core import ConfigError, InputError, WeightsNotFoundError
+from zmagic_core import ConfigError, InputError, WeightsNotFoundError, hub_offline, read_state_dict, unreachable
 
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-HUB_HOST = "huggingface.co"
 
 
 @dataclass
@@ -45,19 +47,6 @@ class LoadedClip:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     source: str  # where the weights came from, for messages and logs
-
-
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to host:port opens within ``timeout`` seconds."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 class _DropRandomInit(logging.Filter):
@@ -73,31 +62,6 @@ def _quiet_random_init_warning():
         yield
     finally:
         root.removeFilter(flt)
-
-
-def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch file, loaded without running pickled code."""
-    if not path.is_file():
-        raise WeightsNotFoundError(f"{what}: checkpoint file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, TorchScript archive, pickle with code, ...
-        raise InputError(
-            f"{what}: cannot read checkpoint {path} as a safetensors file or a plain torch state dict "
-            f"(torch.load weights_only=True): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise InputError(f"{what}: checkpoint {path} does not hold a state dict of tensors")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
 
 
 def register_config(model_config: str, model: Optional[str]) -> str:
@@ -134,10 +98,11 @@ def hub_file(repo_id: str, filename: str, cache_dir: Optional[str], download: bo
             pass
     if not download:
         return None, "downloads are off (download: false)"
-    if offline():
-        return None, "HF_HUB_OFFLINE is set"
-    if not reachable(HUB_HOST):
-        return None, f"{HUB_HOST} is not reachable from this machine"
+    if hub_offline():
+        return None, "offline mode is on (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or DIFFUSERS_OFFLINE)"
+    why = unreachable()  # the Hugging Face endpoint (HF_ENDPOINT), one 3 s probe
+    if why:
+        return None, f"{why} from this machine"
     try:
         return hf_hub_download(repo_id, filename, cache_dir=cache_dir), ""
     except Exception as exc:
@@ -185,15 +150,20 @@ def resolve_tag(name: str, tag: str, cache_dir: Optional[str], download: bool) -
     target = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
     if target.is_file():
         return str(target), cfg
-    if download and not offline() and reachable(url.split("/")[2]):
+    if not download:
+        why = "downloads are off (download: false)"
+    elif hub_offline():
+        why = "offline mode is on (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or DIFFUSERS_OFFLINE)"
+    else:
+        why = unreachable(url)
+        why = f"{why} from this machine" if why else ""
+    if not why:
         try:
             from open_clip.pretrained import download_pretrained_from_url
 
             return download_pretrained_from_url(url, cache_dir=cache_dir), cfg
         except Exception as exc:
             why = f"the download failed ({type(exc).__name__}: {exc})"
-    else:
-        why = "downloads are off or the host is unreachable"
     raise WeightsNotFoundError(
         f"CLIP weights {name} (pretrained={tag!r}) are not on this machine: looked for {target}, and {why}. "
         f"Download {url} on a machine with network and pass checkpoint: /path/to/{os.path.basename(url)}."

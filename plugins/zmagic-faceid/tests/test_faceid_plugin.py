@@ -2,13 +2,12 @@
 run on the shapes world lowers the face-ID energy."""
 import torch
 
-from zmagic_core import BuildContext, Condition, DDPMSolver, Pipeline, ShapesModel, SumCombiner
-from zmagic_core.plugins.registry import Registry
+from zmagic_core import BuildContext, Condition, DDPMSolver, Pipeline, ShapesModel, SumCombiner, get_registry
 from zmagic_faceid.energy import FaceIDEnergy, FaceIDOptions
 
 
 def test_registry_finds_faceid_through_the_entry_point(tiny_options):
-    registry = Registry()
+    registry = get_registry()
     reg = registry.get("energy", "faceid")
     assert reg.plugin == "faceid" and reg.options is FaceIDOptions
     assert registry.get("energy", "face-id") is reg
@@ -20,7 +19,7 @@ def test_registry_finds_faceid_through_the_entry_point(tiny_options):
 
 def test_guided_run_lowers_the_energy(tiny_options):
     world = ShapesModel(size=64)
-    energy = Registry().get("energy", "faceid").factory(BuildContext(model=world), **tiny_options)
+    energy = get_registry().get("energy", "faceid").factory(BuildContext(model=world), **tiny_options)
     run = dict(seeds=[0, 1, 2, 3], batch_size=4, progress=False)
     guided = Pipeline(world, DDPMSolver(), SumCombiner(),
                       [Condition("faceid", energy, rule="adaptive", scale=0.5)], steps=25).run(**run)

@@ -1,6 +1,6 @@
 """Face boxes on the reference (MTCNN, real weights shipped with facenet-pytorch) and a
 differentiable crop that applies such a box to a batch of generated images (zmagic-landmark uses
-this module too).
+them too, through the package's public names: ``from zmagic_faceid import detect_face, ...``).
 
 Boxes are kept in normalised image coordinates ``(x0, y0, x1, y1)`` in [0, 1] (fractions of the
 width and height), so a box found on a 256 px reference applies to a 64 px or 512 px clean estimate.

@@ -1,5 +1,5 @@
-"""Test fixtures for face plugins: skimage's astronaut (a face MTCNN finds), a non-face photo and a
-flat grey image, written as PNG reference files. Import them in a conftest.py."""
+"""Test fixtures of this plugin's suite: skimage's astronaut (a face MTCNN finds), a non-face photo
+and a flat grey image, written as PNG reference files (imported by tests/conftest.py)."""
 from pathlib import Path
 
 import numpy as np

@@ -5,7 +5,7 @@ import torch
 
 from zmagic_core import BuildContext, InputError, WeightsNotFoundError, load_image
 from zmagic_landmark.energy import build_landmark
-from zmagic_faceid.faces import detect_face
+from zmagic_faceid import detect_face
 from zmagic_landmark.networks import soft_argmax
 
 CTX = BuildContext()

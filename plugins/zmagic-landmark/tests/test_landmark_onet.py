@@ -7,7 +7,7 @@ import torch
 
 from zmagic_core import BuildContext, ConfigError, InputError, load_image
 from zmagic_landmark.energy import build_landmark
-from zmagic_faceid.faces import detect_face
+from zmagic_faceid import detect_face
 
 CTX = BuildContext()
 

@@ -3,13 +3,12 @@ real O-Net weights lowers the landmark energy (crop box found on the reference o
 import pytest
 import torch
 
-from zmagic_core import BuildContext, Condition, DDPMSolver, Pipeline, ShapesModel, SumCombiner
-from zmagic_core.plugins.registry import Registry
+from zmagic_core import BuildContext, Condition, DDPMSolver, Pipeline, ShapesModel, SumCombiner, get_registry
 from zmagic_landmark.energy import LandmarkEnergy, LandmarkOptions
 
 
 def test_registry_finds_landmark_through_the_entry_point():
-    registry = Registry()
+    registry = get_registry()
     reg = registry.get("energy", "landmark")
     assert reg.plugin == "landmark" and reg.options is LandmarkOptions
     info = next(p for p in registry.plugins() if p.name == "landmark")
@@ -19,7 +18,7 @@ def test_registry_finds_landmark_through_the_entry_point():
 def test_guided_run_lowers_the_energy(astronaut_png):
     world = ShapesModel(size=64)
     # a fixed crop box: the astronaut's own face box is 14 px wide at 64 px, too small to steer shapes
-    energy = Registry().get("energy", "landmark").factory(BuildContext(model=world), reference=str(astronaut_png),
+    energy = get_registry().get("energy", "landmark").factory(BuildContext(model=world), reference=str(astronaut_png),
                                                           box=[0.2, 0.2, 0.8, 0.8])
     assert energy.box == pytest.approx((0.2, 0.2, 0.8, 0.8))
     assert isinstance(energy, LandmarkEnergy)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from zmagic_core import BuildContext, ConfigError, Energy, load_image
-from zmagic_faceid.faces import Box, check_box, crop_resize, detect_face, square_box
+from zmagic_faceid import Box, check_box, crop_resize, detect_face, square_box
 
 from .networks import FANLandmarks, ONetLandmarks
 from .points import read_points

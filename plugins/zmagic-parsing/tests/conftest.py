@@ -2,10 +2,15 @@
 import pytest
 import torch
 
-from zmagic_core import save_image
-from zmagic_core.models.shapes.world import render
-from zmagic_parsing.bisenet import BiSeNet
+from zmagic_core import render, save_image
 from zmagic_core.testing import one_thread  # noqa: F401  (autouse)
+from zmagic_parsing.bisenet import BiSeNet
+
+
+@pytest.fixture(scope="session")
+def shapes_image():
+    """``render(shape, color, position, size)``: a prototype image of the shapes world."""
+    return render
 
 
 def random_bisenet(seed: int = 0) -> BiSeNet:

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from zmagic_parsing.bisenet import BiSeNet, CheckpointMismatch, load_bisenet, read_state_dict
+from zmagic_core import InputError, WeightsNotFoundError
+from zmagic_parsing.bisenet import BiSeNet, load_bisenet
 
 
 def _conv(name, out_c, in_c, k):
@@ -101,19 +102,25 @@ def test_loader_is_strict_about_foreign_checkpoints(net, tmp_path):
     del state["conv_out.conv_out.weight"]
     path = tmp_path / "partial.pth"
     torch.save(state, path)
-    with pytest.raises(CheckpointMismatch, match="1 missing keys \\(conv_out.conv_out.weight\\)"):
+    with pytest.raises(InputError,
+                       match=r"partial\.pth does not fit the BiSeNet face-parsing .*: missing conv_out\.conv_out\.weight$"):
         load_bisenet(path)
     state["conv_out.conv_out.weight"] = torch.zeros(5, 256, 1, 1)  # a 5-class head
     torch.save(state, path)
-    with pytest.raises(CheckpointMismatch, match=r"conv_out.conv_out.weight: \(5, 256, 1, 1\) in the file"):
+    with pytest.raises(InputError, match=r"partial\.pth does not fit .*: wrong shape conv_out\.conv_out\.weight \(file \(5, 256, 1, 1\), model \(19, 256, 1, 1\)\)$"):
         load_bisenet(path)
+
+
+def test_loader_reports_a_missing_file(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="nowhere.pth"):
+        load_bisenet(tmp_path / "nowhere.pth")
 
 
 def test_loader_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"weights": torch.zeros(1), "object": _Unsafe()}, path)
-    with pytest.raises(Exception) as info:
-        read_state_dict(path)
+    with pytest.raises(InputError, match="cannot read weights file .*evil.pth") as info:
+        load_bisenet(path)
     assert "weights_only" in str(info.value) or "Unsupported" in str(info.value)
 
 

@@ -128,6 +128,30 @@ def test_checkpoint_from_environment(images, checkpoint, monkeypatch):
     assert isinstance(e, ParsingEnergy)
 
 
+@pytest.mark.parametrize("name", ["face-parsing/79999_iter.pth", "79999_iter.safetensors"])
+def test_default_search_finds_the_other_file_names(images, net, tmp_path, monkeypatch, name):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights" / name
+    path.parent.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    if name.endswith(".safetensors"):
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    monkeypatch.delenv("ZMAGIC_PARSING_WEIGHTS", raising=False)
+    monkeypatch.setenv("ZMAGIC_WEIGHTS_DIR", str(tmp_path / "weights"))
+    e = build_parsing(BuildContext(), reference=str(images[0]), input_size=SIZE)
+    assert e(load_image(images[0]).unsqueeze(0)).item() == 0.0
+
+
+def test_missing_checkpoint_from_environment_says_so(images, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZMAGIC_PARSING_WEIGHTS", str(tmp_path / "gone.pth"))
+    with pytest.raises(WeightsNotFoundError, match=r"gone\.pth does not exist.*ZMAGIC_PARSING_WEIGHTS") as info:
+        build_parsing(BuildContext(), reference=str(images[0]), input_size=SIZE)
+    assert BISENET_URL in str(info.value)
+
+
 def test_missing_reference(checkpoint, tmp_path):
     with pytest.raises(InputError, match="not found"):
         make(checkpoint, tmp_path / "no-face.png")
@@ -143,16 +167,16 @@ def test_unreadable_reference(checkpoint, tmp_path):
 def test_corrupt_checkpoint(images, tmp_path):
     bad = tmp_path / BISENET_FILE
     bad.write_bytes(b"\x00garbage" * 100)
-    with pytest.raises(InputError, match="cannot read BiSeNet checkpoint"):
+    with pytest.raises(InputError, match="BiSeNet face-parsing checkpoint: cannot read weights file"):
         make(bad, images[0])
 
 
 def test_checkpoint_of_another_network(images, tmp_path):
     other = tmp_path / "resnet18.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 512)}, other)
-    with pytest.raises(InputError, match="not a BiSeNet face-parsing checkpoint") as info:
+    with pytest.raises(InputError, match="resnet18.pth does not fit the BiSeNet face-parsing") as info:
         make(other, images[0])
-    assert "missing keys" in str(info.value) and "2 unexpected keys (conv1.weight, fc.weight)" in str(info.value)
+    assert "missing cp.resnet." in str(info.value) and "unexpected conv1.weight, fc.weight" in str(info.value)
     assert len(str(info.value)) < 600  # a summary, not 190 key names
 
 

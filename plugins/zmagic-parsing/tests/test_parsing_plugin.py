@@ -4,8 +4,7 @@ import importlib.metadata
 import pytest
 import torch
 
-from zmagic_core import BuildContext
-from zmagic_core.plugins.registry import Registry
+from zmagic_core import BuildContext, get_registry
 
 
 def test_entry_point_is_installed():
@@ -14,7 +13,7 @@ def test_entry_point_is_installed():
 
 
 def test_registry_discovers_the_energy(checkpoint, images):
-    registry = Registry()
+    registry = get_registry()
     reg = registry.get("energy", "parsing")
     assert reg.plugin == "parsing" and registry.get("energy", "face-parsing") is reg
     info = next(p for p in registry.plugins() if p.name == "parsing")
@@ -24,19 +23,18 @@ def test_registry_discovers_the_energy(checkpoint, images):
     assert energy(torch.zeros(2, 3, 32, 32)).shape == (2,)
 
 
-def test_guided_run_lowers_the_energy(checkpoint, tmp_path):
+def test_guided_run_lowers_the_energy(checkpoint, tmp_path, shapes_image):
     from zmagic_core import SumCombiner
     from zmagic_core import Condition
     from zmagic_core import save_image
     from zmagic_core import Pipeline
     from zmagic_core import ShapesModel
-    from zmagic_core.models.shapes.world import render
     from zmagic_core import DDPMSolver
     from zmagic_parsing import build_parsing
 
     world = ShapesModel(size=32)
     ref = tmp_path / "ref.png"
-    save_image(render("triangle", "green", "right", 32), ref)
+    save_image(shapes_image("triangle", "green", "right", 32), ref)
     energy = build_parsing(BuildContext(model=world), reference=str(ref), weights=str(checkpoint), input_size=32)
     seeds = [0, 1, 2, 3]
     guided = Pipeline(world, DDPMSolver(), SumCombiner(), [Condition("parsing", energy, rule="adaptive", scale=0.5)],

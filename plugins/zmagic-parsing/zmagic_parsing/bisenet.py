@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zmagic_core import load_strict, read_state_dict
+
 NUM_CLASSES = 19
+CHECKPOINT_FORMAT = "79999_iter.pth"  # zllrunning/face-parsing.PyTorch's public checkpoint
 # Label order of CelebAMask-HQ as used by the checkpoint (index = class id).
 CLASS_NAMES = (
     "background", "skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear", "ear_r",
@@ -167,64 +170,17 @@ class BiSeNet(nn.Module):
         return F.interpolate(out, size, mode="bilinear", align_corners=True)
 
 
-def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file, loaded without executing pickled code.
-
-    Accepts ``.safetensors`` or a torch pickle of a plain state dict (optionally wrapped as
-    ``{"state_dict": ...}`` or saved from ``nn.DataParallel`` with ``module.`` prefixes).
-    Raises ``ValueError`` / ``OSError`` / ``RuntimeError`` for unreadable files; callers turn those
-    into user errors.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError("not a state dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
-
-
-class CheckpointMismatch(ValueError):
-    """The file holds tensors, but not those of this architecture."""
-
-
-def _some(keys, n: int = 3) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
-
-
 def load_bisenet(path: Union[str, Path], n_classes: int = NUM_CLASSES) -> BiSeNet:
     """A BiSeNet in eval mode with the checkpoint's weights, loaded strictly.
 
-    Raises :class:`CheckpointMismatch` with a short summary when keys or shapes differ.
+    Reading and loading are the core's helpers: ``read_state_dict`` (tensors only: ``.safetensors``
+    or ``torch.load(weights_only=True)``; unwraps ``{"state_dict": ...}``, strips DataParallel's
+    ``module.``) and ``load_strict`` (fills in BatchNorm ``num_batches_tracked`` counters missing from
+    old torch checkpoints).  The key names are the public checkpoint's, so no remapping is needed.
+    Raises :class:`~zmagic_core.WeightsNotFoundError` for a missing file and
+    :class:`~zmagic_core.InputError` for an unreadable one or one whose keys or shapes differ.
     """
-    state = read_state_dict(path)
+    state = read_state_dict(path, "BiSeNet face-parsing checkpoint")
     net = BiSeNet(n_classes)
-    expected = net.state_dict()
-    # Checkpoints from old torch versions may lack BatchNorm's num_batches_tracked counters;
-    # they do not affect eval-mode outputs, so fill them in rather than fail.
-    for key, value in expected.items():
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = torch.zeros_like(value)
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-    wrong = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({_some(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({_some(unexpected)})")
-        if wrong:
-            k = sorted(wrong)[0]
-            parts.append(f"{len(wrong)} shape mismatches ({k}: {tuple(state[k].shape)} in the file, "
-                         f"{tuple(expected[k].shape)} expected)")
-        raise CheckpointMismatch("; ".join(parts))
-    net.load_state_dict(state, strict=True)
+    load_strict(net, state, path, f"BiSeNet face-parsing ({n_classes} classes, {CHECKPOINT_FORMAT} format)")
     return net.eval()

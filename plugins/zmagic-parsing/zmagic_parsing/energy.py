@@ -16,16 +16,20 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from zmagic_core import BuildContext, ConfigError, Energy, InputError, WeightsNotFoundError, load_image
+from zmagic_core import (BuildContext, ConfigError, Energy, InputError, WeightsNotFoundError, find_weights,
+                         load_image)
 
-from .bisenet import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, CheckpointMismatch, load_bisenet
+from .bisenet import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, load_bisenet
 
 BISENET_FILE = "79999_iter.pth"
+# other names the same checkpoint is kept under, tried in every weights folder after BISENET_FILE
+BISENET_ALTERNATIVES = ("face-parsing/79999_iter.pth", "79999_iter.safetensors")
 BISENET_URL = "https://drive.google.com/open?id=154JgKpzCPW82qINcVieuPH3fZ2e0P812"
 BISENET_REPO = "https://github.com/zllrunning/face-parsing.PyTorch"
+BISENET_HOW_TO_GET = (f"Download {BISENET_FILE} (BiSeNet face parsing, {BISENET_REPO}, 'our pre-trained model') "
+                      f"from {BISENET_URL}; it is not downloaded automatically.")
 SEGFORMER_DEFAULT = "jonathandinu/face-parsing"
-WEIGHTS_ENV = "ZMAGIC_PARSING_WEIGHTS"
-WEIGHTS_DIR_ENV = "ZMAGIC_WEIGHTS_DIR"
+WEIGHTS_ENV = "ZMAGIC_PARSING_WEIGHTS"  # a BiSeNet checkpoint file, used when the 'weights' option is not given
 
 
 class ParsingOptions(BaseModel):
@@ -114,46 +118,22 @@ class SegformerParser(nn.Module):
         return self.model(pixel_values=x).logits
 
 
-def bisenet_search_paths() -> list[Path]:
-    """Where the BiSeNet checkpoint is looked for when no ``weights`` option is given."""
-    paths = []
-    if os.environ.get(WEIGHTS_ENV):
-        paths.append(Path(os.environ[WEIGHTS_ENV]).expanduser())
-    dirs = []
-    if os.environ.get(WEIGHTS_DIR_ENV):
-        dirs.append(Path(os.environ[WEIGHTS_DIR_ENV]).expanduser())
-    dirs.append(Path.home() / ".cache" / "zmagic" / "weights")
-    for d in dirs:
-        paths += [d / BISENET_FILE, d / "face-parsing" / BISENET_FILE, d / "79999_iter.safetensors"]
-    return paths
-
-
-def _weights_help() -> str:
-    return (f"download {BISENET_FILE} (BiSeNet face parsing, {BISENET_REPO}) from {BISENET_URL} "
-            f"and pass it as the 'weights' option, set {WEIGHTS_ENV}, or put it in "
-            f"${WEIGHTS_DIR_ENV} or ~/.cache/zmagic/weights/")
+def bisenet_weights(weights: Optional[str]) -> Path:
+    """The BiSeNet checkpoint: the ``weights`` option, else ``$ZMAGIC_PARSING_WEIGHTS`` (both used as
+    given), else ``79999_iter.pth`` (or an alternative name) found by the core's search
+    (``$ZMAGIC_WEIGHTS_DIR``, ``~/.cache/zmagic/weights``, the torch hub checkpoint folder)."""
+    how_to_get = BISENET_HOW_TO_GET
+    if weights is None and os.environ.get(WEIGHTS_ENV):
+        weights = os.environ[WEIGHTS_ENV]
+        how_to_get = f"(${WEIGHTS_ENV} names this file: fix or unset it.) {how_to_get}"
+    elif weights is None:
+        how_to_get = f"{how_to_get} ${WEIGHTS_ENV} may also name the file."
+    return find_weights("BiSeNet face-parsing", BISENET_FILE, weights, how_to_get, alternatives=BISENET_ALTERNATIVES)
 
 
 def build_bisenet_parser(weights: Optional[str]) -> nn.Module:
-    if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise WeightsNotFoundError(f"BiSeNet checkpoint not found: {path}; {_weights_help()}")
-    else:
-        tried = bisenet_search_paths()
-        path = next((p for p in tried if p.is_file()), None)
-        if path is None:
-            looked = ", ".join(str(p) for p in tried)
-            raise WeightsNotFoundError(f"BiSeNet checkpoint {BISENET_FILE} not found (looked in: {looked}); "
-                                       f"{_weights_help()}")
-    try:
-        net = load_bisenet(path, NUM_CLASSES)
-    except CheckpointMismatch as exc:
-        raise InputError(f"{path} is not a BiSeNet face-parsing checkpoint in the {BISENET_FILE} format: "
-                         f"{exc}") from None
-    except Exception as exc:  # pickle errors, truncated files, unsafe pickles, wrong container
-        raise InputError(f"cannot read BiSeNet checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    return BiSeNetParser(net)
+    path = bisenet_weights(weights)
+    return BiSeNetParser(load_bisenet(path, NUM_CLASSES))
 
 
 def build_segformer_parser(weights: Optional[str]) -> nn.Module:

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from zmagic_clip.loading import OPENAI_MEAN, OPENAI_STD, LoadedClip
+from zmagic_clip import OPENAI_MEAN, OPENAI_STD, LoadedClip
 from zmagic_style import ClipTokens, StyleEnergy, VggFeatures, vgg19_features
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))  # the checkout's developer helpers
 from timing import best_of, gflops  # noqa: E402

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zmagic_clip.energy import attention_context
-from zmagic_clip.loading import LoadedClip, offline, reachable
-from zmagic_core import ConfigError, WeightsNotFoundError
+from zmagic_clip import LoadedClip, attention_context
+from zmagic_core import ConfigError, WeightsNotFoundError, hub_offline, unreachable
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -129,11 +128,12 @@ def vgg19_weights_file(weights: Optional[str], cache_dir: Optional[str], downloa
         return target
     if not download:
         why = "downloads are off (download: false)"
-    elif offline():
-        why = "HF_HUB_OFFLINE is set (offline mode)"
-    elif not reachable("download.pytorch.org"):
-        why = "download.pytorch.org is not reachable from this machine"
+    elif hub_offline():
+        why = "offline mode is on (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or DIFFUSERS_OFFLINE)"
     else:
+        why = unreachable(VGG19_URL)  # one 3 s probe, so an offline machine fails at once
+        why = f"{why} from this machine" if why else ""
+    if not why:
         try:
             torch.hub.load_state_dict_from_url(VGG19_URL, model_dir=str(folder), map_location="cpu",
                                                check_hash=True, weights_only=True)

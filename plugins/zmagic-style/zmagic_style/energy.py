@@ -12,8 +12,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from zmagic_clip.loading import DEFAULT_PRETRAINED, load_open_clip, read_state_dict
-from zmagic_core import BuildContext, ConfigError, Energy, load_image
+from zmagic_clip import DEFAULT_PRETRAINED, load_open_clip
+from zmagic_core import BuildContext, ConfigError, Energy, load_image, read_state_dict
 
 from .backbones import GATYS_LAYERS, ClipTokens, VggFeatures, vgg19_weights_file
 
@@ -111,7 +111,7 @@ def build_style(context: BuildContext, **options: Any) -> StyleEnergy:
         gram = opts.gram or "sum"
     else:
         path = vgg19_weights_file(opts.weights, opts.cache_dir, opts.download)
-        backbone = VggFeatures(read_state_dict(path, "style"), layers=opts.layers or GATYS_LAYERS,
+        backbone = VggFeatures(read_state_dict(path, "style: VGG19"), layers=opts.layers or GATYS_LAYERS,
                                image_size=opts.image_size or 224, source=str(path))
         gram = opts.gram or "mean"
     backbone = backbone.to(context.device)
