@@ -1,16 +1,25 @@
 """The benchmarks run on a tiny setting and their figures come from real runs."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from pydantic import BaseModel, ConfigDict
 
-from zmagic_core.app.bench import cost, quality
+from zmagic_core import Combined, Combiner, hookimpl
+from zmagic_core.app import cli
+from zmagic_core.app.bench import cost, quality, report
 from zmagic_core.app.bench.report import write_section
+from zmagic_core.contracts.errors import ConfigError
 from zmagic_core.method.combiners import SumCombiner
 from zmagic_core.method.guidance import Condition
+from zmagic_core.plugins.registry import get_registry
 from zmagic_core.sampling.pipeline import Pipeline
 from zmagic_core.models.shapes import ShapesModel, evaluate_samples
 from zmagic_core.method.solvers import DDPMSolver
+
+TINY = ["--samples", "4", "--seeds-sets", "1", "--steps", "5", "--scale", "0.25", "--scenarios", "attr+mask"]
 
 
 @pytest.fixture(scope="module")
@@ -25,21 +34,147 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_quality_main_writes_page_figures_and_json(tmp_path):
-    out = tmp_path / "benchmarks"
+# -- a third-party combiner, registered in-process --------------------------------------------------
+class HalfSum(Combiner):
+    """Half the sum of the conditions' gradients (a stand-in for a plugin's combiner)."""
+
+    calls = 0
+
+    def __init__(self, factor: float = 0.5):
+        self.factor = factor
+
+    def combine(self, step):
+        type(self).calls += 1
+        return Combined(self.factor * torch.stack([g.detach() for g in step.base().grads]).sum(0))
+
+
+class HalfSumOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    factor: float = 0.5
+
+
+class HalfSumPlugin:
+    @hookimpl
+    def register_combiners(self, register):
+        register("test-half-sum", lambda context, **options: HalfSum(**options), options=HalfSumOptions,
+                 component=HalfSum)
+
+
+@pytest.fixture
+def half_sum():
+    registry = get_registry()
+    registry.register_plugin(HalfSumPlugin(), "test-bench-plugin")
+    HalfSum.calls = 0
+    yield "test-half-sum"
+    registry.unregister_plugin("test-bench-plugin")
+
+
+def linked_figures(page: str, out: Path) -> list[str]:
+    """Every figure the page links to exists beside it (in out/benchmarks/)."""
+    links = re.findall(r"\]\((benchmarks/[^)]+)\)", page)
+    for link in links:
+        assert (out / link).stat().st_size > 1000, link
+    return links
+
+
+# -- quality -----------------------------------------------------------------------------------------
+def test_quality_main_writes_page_figures_and_json(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "report"
     argv = ["--samples", "4", "--seeds-sets", "2", "--steps", "5", "--scale", "0.25", "--scenarios", "attr+mask",
             "--methods", "none", "sum", "dep 1>2", "oracle", "--out", str(out)]
     assert quality.main(argv) == 0
-    page = (tmp_path / "benchmarks.md").read_text()
-    assert "<!-- quality:begin -->" in page and "zmagic bench quality -- --samples 4" in page
+    page = (out / "benchmarks.md").read_text()
+    assert "<!-- quality:begin -->" in page and "Command: `zmagic bench quality --samples 4" in page
+    assert f"Code: zmagic-core {report.version()}" in page and "git" not in page.split("Setting:")[0]
     for method in ("| none |", "| sum |", "| dep 1>2 |", "| oracle |"):
         assert method in page
+    data = out / "benchmarks"
     for name in ("joint_satisfaction.png", "cosine_conditions.png", "cosine_exact.png", "energies_attr_mask.png"):
-        assert (out / name).stat().st_size > 1000
-    data = json.loads((out / "quality.json").read_text())
-    runs = data["results"]["attr+mask"]["sum"]
+        assert (data / name).stat().st_size > 1000
+    assert len(linked_figures(page, out)) == 4
+    results = json.loads((data / "quality.json").read_text())
+    runs = results["results"]["attr+mask"]["sum"]
     assert len(runs) == 2 and runs[0]["seeds"] == [0, 1] and runs[1]["seeds"] == [1000, 1001]
     assert len(runs[0]["energy_step"]["red"]) == 5
+    assert results["meta"]["version"] == report.version() and results["meta"]["machine"]
+    assert not (tmp_path / "benchmarks.md").exists()  # nothing outside --out
+
+
+def test_quality_benchmarks_a_third_party_combiner_by_name_from_the_cli(tmp_path, monkeypatch, half_sum):
+    """`zmagic bench quality --combiners sum,<plugin's combiner>` from any working directory: the
+    page, the JSON and the figures land in --out (relative to that directory)."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    (cwd / "report").mkdir()
+    write_section(cwd / "report" / "benchmarks.md", "cost", "the cost section stays")
+    assert cli.main(["bench", "quality", *TINY, "--combiners", f"sum,{half_sum}", "--out", "report"]) == 0
+    out = cwd / "report"
+    page = (out / "benchmarks.md").read_text()
+    assert "the cost section stays" in page and page.count("<!-- quality:begin -->") == 1
+    assert f"zmagic bench quality --samples 4" in page and f"--combiners sum,{half_sum} --out report" in page
+    for method in ("| none |", "| sum |", f"| {half_sum} |", "| oracle |"):
+        assert method in page
+    assert "plugin `test-bench-plugin`" in page  # the methods list says where the combiner came from
+    results = json.loads((out / "benchmarks" / "quality.json").read_text())
+    assert list(results["results"]["attr+mask"]) == ["none", "sum", half_sum, "oracle"]
+    assert results["meta"]["combiners"] == ["sum", half_sum]
+    assert HalfSum.calls == 5  # one batch of 4 samples, 5 steps: the registered combiner did the guiding
+    half, plain = results["results"]["attr+mask"][half_sum][0], results["results"]["attr+mask"]["sum"][0]
+    assert half["energy_step"]["red"] != plain["energy_step"]["red"]  # half the guidance, another trajectory
+    assert len(linked_figures(page, out)) == 3  # no dependent combiner: no condition-cosine figure
+
+
+def test_quality_skips_a_named_combiner_that_does_not_take_the_scenario(tmp_path):
+    specs = report.parse_combiners("sum,dependent")
+    methods, skipped = quality.plan(next(s for s in quality.SCENARIOS if s["name"] == "3 conditions"), specs, None)
+    assert [m for m, _ in methods] == ["none", "sum", "oracle"] and skipped == {"dependent": "takes exactly 2 conditions"}
+    methods, skipped = quality.plan(quality.SCENARIOS[0], specs, None)
+    assert [m for m, _ in methods] == ["none", "sum", "dependent", "oracle"] and not skipped
+    default, _ = quality.plan(quality.SCENARIOS[0], None, None)
+    assert [m for m, _ in default] == quality.ALL_METHODS
+
+
+def test_unknown_combiner_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "never"
+    for which in ("quality", "cost"):
+        assert cli.main(["bench", which, "--combiners", "sum,no-such-combiner", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("zmagic: error:") and err.strip().count("\n") == 0, err
+        assert "'no-such-combiner'" in err and "available:" in err and "sum" in err
+    assert not out.exists()  # checked before anything ran or was written
+
+
+def test_combiner_options_are_parsed_and_checked(half_sum):
+    (cagrad, half) = report.parse_combiners(f"cagrad:c=0.8:hessian=false, {half_sum}:factor=0.25")
+    assert (cagrad.label, cagrad.name, cagrad.options) == ("cagrad:c=0.8:hessian=false", "cagrad",
+                                                           {"c": 0.8, "hessian": False})
+    assert cagrad.build().c == 0.8 and half.build().factor == 0.25 and cagrad.accepts(4) and half.accepts(1)
+    for bad, words in ((f"{half_sum}:bogus=1", "bogus"), ("cagrad:c=2", "less than 1"), ("sum,sum", "twice"),
+                       ("oracle", "baseline"), ("cagrad:c", "key=value"), ("", "no combiner")):
+        with pytest.raises(ConfigError, match=words) as info:
+            report.parse_combiners(bad)
+        assert "\n" not in str(info.value)
+
+
+def test_quality_replot_redraws_from_the_json(tmp_path):
+    out = tmp_path / "report"
+    assert quality.main([*TINY, "--methods", "none", "sum", "oracle", "--out", str(out)]) == 0
+    page = out / "benchmarks.md"
+    before = page.read_text()
+    write_section(page, "cost", "kept")
+    for png in (out / "benchmarks").glob("*.png"):
+        png.unlink()
+    assert quality.main(["--replot", "--out", str(out)]) == 0
+    after = page.read_text()
+    assert "kept" in after and f"`zmagic bench quality --replot --out {out}` (no new sampling)" in after
+    # the same section, plus the line saying it was re-drawn
+    strip = lambda text: re.sub(r"\nFigures and this section re-drawn on .*\n", "", text.split("<!-- cost")[0])  # noqa: E731
+    assert strip(after).strip() == before.strip()
+    assert len(linked_figures(after, out)) == 3
+    with pytest.raises(Exception, match="nothing to re-plot"):
+        quality.main(["--replot", "--out", str(tmp_path / "empty")])
 
 
 def test_quality_figures_match_a_direct_pipeline_run(world):
@@ -59,6 +194,10 @@ def test_quality_figures_match_a_direct_pipeline_run(world):
     # the oracle samples the reweighted mixture: no guidance, so no combined gradient is recorded
     oracle = quality.run_method(world, scenario, "oracle", seeds, 0.25, 5, 4)
     assert all(c != c for c in oracle["cos_exact_band"])
+    # a combiner built through the registry runs the same as the built-in label
+    (spec,) = report.parse_combiners("sum")
+    named = quality.run_method(world, scenario, "sum", seeds, 0.25, 5, 4, spec.build)
+    assert named["joint"] == r["joint"] and named["energy_step"] == r["energy_step"]
 
 
 def test_quality_exact_gradient_is_the_oracle_score_difference(world):
@@ -83,6 +222,26 @@ def test_band_of():
     assert [quality.band_of(t) for t in (990, 700, 699, 400, 399, 100, 99, 0)] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
+def test_the_package_does_not_import_the_developer_scripts():
+    """benchmarks/timing.py and benchmarks/real_architectures.py (repository root) are developer
+    scripts, not part of the package: nothing in zmagic_core imports them."""
+    import ast
+
+    import zmagic_core
+
+    scripts = {"timing", "real_architectures", "benchmarks"}
+    for path in Path(zmagic_core.__file__).resolve().parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            assert not any(m.split(".")[0] in scripts for m in modules), f"{path} imports {modules}"
+
+
+# -- cost --------------------------------------------------------------------------------------------
 def test_cost_counts_passes_and_matches_the_floor_structure():
     rows = [cost.run_case("shapes", c, 2, 32, 2, 1, 1) for c in ("sum", "dependent", "dependent-noH")]
     passes = {r["combiner"]: r["passes"] for r in rows}
@@ -95,15 +254,97 @@ def test_cost_counts_passes_and_matches_the_floor_structure():
     assert cost.floor("cagrad", 3) == {"forward": 4, "backward": 15, "double": 6}
 
 
+def test_cost_runs_named_combiners(half_sum):
+    combiners, specs = cost.labels(f"dependent,{half_sum}")
+    assert combiners == ["sum", "dependent", half_sum]  # sum always runs: the ratios are to sum
+    assert cost.cases(["shapes"], [2, 3], combiners, specs) == [
+        ("shapes", "sum", 2), ("shapes", "dependent", 2), ("shapes", half_sum, 2),
+        ("shapes", "sum", 3), ("shapes", half_sum, 3)]
+    assert cost.cases(["shapes"], [3]) == [("shapes", "sum", 3), ("shapes", "cagrad", 3)]
+    half = cost.run_case("shapes", half_sum, 2, 32, 1, 1, 1)
+    assert half["passes"] == {"forward": 1, "backward": 2, "double": 0} and HalfSum.calls > 0
+    named = cost.run_case("shapes", "cagrad:c=0.8", 2, 32, 1, 1, 1)
+    assert named["passes"] == {"forward": 3, "backward": 6, "double": 2}
+
+
 def test_cost_page_section(tmp_path):
     args = cost.parse(["--models", "shapes", "--n", "2", "--steps", "1", "--out", str(tmp_path)])
-    rows = [cost.run_case("shapes", c, 2, 32, 1, 1, 1) for c in ("sum", "dependent")]
+    rows = [cost.run_case("shapes", c, 2, 32, 1, 1, 1) for c in ("sum", "dependent", "cagrad:c=0.8")]
     units = {"shapes": cost.unit_costs("shapes", 32, 1, 1, repeats=1)}
-    text = cost.page_section(args, ["--models", "shapes"], rows, units, 1.0)
+    text = cost.page_section(args, {"argv": ["--models", "shapes"], "wall": 1.0, "version": "9.9"}, rows, units)
     assert "| dependent | 2 | 2 | 4 | 1 | (2, 3, 1) |" in text
+    assert "| cagrad:c=0.8 | 2 | 3 | 6 | 2 | - |" in text  # no floor for a registry combiner
+    assert "Command: `zmagic bench cost --models shapes`" in text and "Code: zmagic-core 9.9" in text
     page = tmp_path / "page.md"
     write_section(page, "cost", text)
     write_section(page, "quality", "q")
     write_section(page, "cost", "replaced")
     content = page.read_text()
     assert content.count("<!-- cost:begin -->") == 1 and "replaced" in content and "q\n" in content
+
+
+def test_cost_replot_rewrites_its_sections_from_the_json(tmp_path):
+    out = tmp_path / "report"
+    data = out / "benchmarks"
+    data.mkdir(parents=True)
+    rows = [cost.run_case("shapes", c, 2, 32, 1, 1, 1) for c in ("sum", "dependent")]
+    meta = {"argv": ["--models", "shapes", "--n", "2", "--out", "docs"], "date": "2030-01-01 00:00 UTC", "wall": 60.0,
+            "machine": "a test machine", "version": "9.9",
+            "args": {"models": ["shapes"], "n": [2], "batch": 1, "steps": 1, "celebahq_size": 64, "celebahq_steps": 1,
+                     "threads": 1, "combiners": None}}
+    (data / "cost.json").write_text(json.dumps({"rows": rows, "units": {}, "meta": meta}))
+    (data / "cvxpy.json").write_text(json.dumps({"rows": [{"m": 6, "batch": 1, "median_ms_per_problem": 1.5}],
+                                                 "meta": {**meta, "argv": ["--cvxpy-only"]}}))
+    write_section(out / "benchmarks.md", "quality", "q")
+    assert cost.main(["--replot", "--out", str(out)]) == 0
+    page = (out / "benchmarks.md").read_text()
+    assert "q\n" in page and "Command: `zmagic bench cost --models shapes --n 2 --out docs`" in page
+    assert "Machine: a test machine" in page and "Date: 2030-01-01 00:00 UTC; wall time 1.0 min" in page
+    assert "| dependent | 2 | 2 | 4 | 1 | (2, 3, 1) |" in page and "### tiny-unet" not in page
+    assert "Command: `zmagic bench cost --cvxpy-only`" in page and "| 1 | 1.500 |" in page
+    assert page.count(f"by `zmagic bench cost --replot --out {out}` (no new measurement)") == 2
+    with pytest.raises(Exception, match="nothing to re-write"):
+        cost.main(["--replot", "--out", str(tmp_path / "empty")])
+
+
+def test_docs_page_is_what_replot_writes(tmp_path):
+    """docs/benchmarks.md's cost and cvxpy sections are what `zmagic bench cost --replot --out docs`
+    writes from docs/benchmarks/*.json (checkout only)."""
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    if not (docs / "benchmarks" / "cost.json").exists():
+        pytest.skip("not a checkout: no docs/")
+    out = tmp_path / "docs"
+    (out / "benchmarks").mkdir(parents=True)
+    for name in ("cost.json", "cvxpy.json"):
+        (out / "benchmarks" / name).write_text((docs / "benchmarks" / name).read_text())
+    assert cost.main(["--replot", "--out", str(out)]) == 0
+    section = lambda text, name: re.sub(  # noqa: E731
+        r"\nThis section re-written on .*\n", "",
+        text.split(f"<!-- {name}:begin -->")[1].split(f"<!-- {name}:end -->")[0])
+    ours, theirs = (out / "benchmarks.md").read_text(), (docs / "benchmarks.md").read_text()
+    for name in ("cost", "cvxpy"):
+        assert section(ours, name) == section(theirs, name)
+
+
+def test_docs_quality_section_is_what_replot_writes():
+    """docs/benchmarks.md's quality section is page_section() of docs/benchmarks/quality.json, and
+    every figure it links to is there (checkout only; the figures themselves are not redrawn here)."""
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    if not (docs / "benchmarks" / "quality.json").exists():
+        pytest.skip("not a checkout: no docs/")
+    saved = json.loads((docs / "benchmarks" / "quality.json").read_text())
+    meta = saved["meta"]
+    assert meta["argv"] == ["--out", "docs"]
+    args = quality.parse([])
+    for key in ("samples", "seeds_sets", "steps"):
+        setattr(args, key, meta[key])
+    scenarios = [s for s in quality.SCENARIOS if s["name"] in saved["results"]]
+    assert len(scenarios) == len(saved["results"]) == len(quality.SCENARIOS)
+    figures = {"energies": {quality.slug(s["name"]): f"energies_{quality.slug(s['name'])}.png" for s in scenarios},
+               "joint": "joint_satisfaction.png", "cosine_conditions": "cosine_conditions.png",
+               "cosine_exact": "cosine_exact.png"}
+    text = quality.page_section(args, meta, saved["scale"], saved["sweep"], saved["results"], scenarios, figures)
+    page = (docs / "benchmarks.md").read_text()
+    section = page.split("<!-- quality:begin -->\n")[1].split("<!-- quality:end -->")[0]
+    assert re.sub(r"\nFigures and this section re-drawn on .*\n", "", section).strip() == text.strip()
+    assert len(linked_figures(section, docs)) == len(scenarios) + 3

@@ -1,12 +1,21 @@
 """`zmagic bench cost`: network passes, seconds and peak memory per guided step, per combiner.
 
-    zmagic bench cost                              # every model, every case (docs/benchmarks.md)
-    zmagic bench cost -- --models shapes --steps 3 --out /tmp/c
+    zmagic bench cost --out docs                   # every model, every case (docs/benchmarks.md)
+    zmagic bench cost --models shapes --steps 3 --out /tmp/c
+    zmagic bench cost --models shapes --combiners sum,cagrad:c=0.8,my-combiner --out /tmp/c
+    zmagic bench cost --cvxpy-only --out docs      # only CAGrad's cvxpy solve (its own section)
+    zmagic bench cost --replot --out docs          # no measurement: the sections from cost.json, cvxpy.json
+
+The report goes to ``--out DIR`` (default ./zmagic-bench): the sections ``cost`` and ``cvxpy`` of
+DIR/benchmarks.md, and cost.json and cvxpy.json in DIR/benchmarks/.
 
 Cases: sum, dependent, dependent without the Hessian term and cagrad (c = 0.5), for n = 2, 3, 4
 conditions (dependent: n = 2 only), on three base models: the shapes world (its closed-form
-eps is the "network"), a tiny diffusers UNet2DModel (docs' ENVIRONMENT config) and a
-random-initialised UNet with the real CelebA-HQ 256 DDPM architecture at a reduced size.
+eps is the "network"), a tiny diffusers UNet2DModel (the tiny pixel UNet of diffusers' own
+tests) and a random-initialised UNet with the real CelebA-HQ 256 DDPM architecture at a reduced
+size.  ``--combiners`` replaces the four combiners by registry names (installed plugins
+included; ``name:key=value`` sets options), each run for the n it accepts; sum always runs, as
+the reference of the ratios.
 
 How passes are counted: the model's eps is wrapped so that every call is one forward pass; its
 input and output go through identity ``torch.autograd.Function``s whose backward methods count
@@ -30,9 +39,11 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
+from typing import Optional
 
-from zmagic_core.app.bench.report import command, machine, now, revision, write_section
+from zmagic_core.app.bench.report import (add_out_argument, code, command, layout, machine, now, parse_combiners,
+                                          version, write_section)
+from zmagic_core.contracts.errors import InputError
 
 COMBINERS = ("sum", "dependent", "dependent-noH", "cagrad")
 MODELS = ("shapes", "tiny-unet", "celebahq-unet")
@@ -42,7 +53,7 @@ CELEBAHQ_UNET = dict(  # google/ddpm-ema-celebahq-256 unet config, random weight
     down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
 )
-TINY_UNET = dict(  # the diffusers tests' tiny pixel UNet (docs: /work/shared/ENVIRONMENT.md)
+TINY_UNET = dict(  # the tiny pixel UNet config of diffusers' own tests
     in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4,
     down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
 )
@@ -170,11 +181,16 @@ def build_model(name: str, size: int):
 
 
 def make_combiner(name: str):
+    """The built-in cases by their labels; any other label is a registry combiner (``name[:key=value...]``)."""
     from zmagic_core.method.combiners import CAGradCombiner, DependentCombiner, SumCombiner
 
-    return {"sum": lambda: SumCombiner(), "dependent": lambda: DependentCombiner(hessian=True),
-            "dependent-noH": lambda: DependentCombiner(hessian=False),
-            "cagrad": lambda: CAGradCombiner(c=0.5)}[name]()
+    builtin = {"sum": lambda: SumCombiner(), "dependent": lambda: DependentCombiner(hessian=True),
+               "dependent-noH": lambda: DependentCombiner(hessian=False),
+               "cagrad": lambda: CAGradCombiner(c=0.5)}
+    if name in builtin:
+        return builtin[name]()
+    (spec,) = parse_combiners(name)
+    return spec.build()
 
 
 def run_case(model_name: str, combiner: str, n: int, size: int, batch: int, steps: int, threads: int) -> dict:
@@ -271,15 +287,28 @@ def floor(combiner: str, n: int) -> dict:
     raise ValueError(combiner)
 
 
-def cases(models, ns) -> list[tuple[str, str, int]]:
+def cases(models, ns, combiners=COMBINERS, specs: Optional[dict] = None) -> list[tuple[str, str, int]]:
+    """(model, combiner, n) to run; ``specs``: label -> CombinerSpec of the registry combiners named."""
     out = []
     for model in models:
         for n in ns:
-            for combiner in COMBINERS:
-                if combiner.startswith("dependent") and n != 2:
+            for combiner in combiners:
+                if specs and combiner in specs:
+                    if not specs[combiner].accepts(n):
+                        continue
+                elif combiner.startswith("dependent") and n != 2:
                     continue
                 out.append((model, combiner, n))
     return out
+
+
+def labels(combiners: Optional[str]) -> tuple[list[str], dict]:
+    """The combiners to run and their specs: the four built-in cases, or the registry combiners
+    named by ``--combiners`` (checked here, before anything runs) with sum first as the reference."""
+    if not combiners:
+        return list(COMBINERS), {}
+    specs = {s.label: s for s in parse_combiners(combiners)}
+    return (["sum"] if "sum" not in specs else []) + list(specs), specs
 
 
 def child(args) -> int:
@@ -317,19 +346,30 @@ def ratio(a, b) -> str:
     return f"{a / b:.2f}"
 
 
-def page_section(args, argv, rows, units, wall) -> str:
+def _wall(meta: dict) -> str:
+    wall = meta.get("wall")
+    return "not recorded" if wall is None else f"{wall / 60:.1f} min"
+
+
+def page_section(args, meta: dict, rows, units) -> str:
+    """The page's ``cost`` section; ``meta``: the run's record in cost.json (argv, machine, date, wall,
+    version) and ``args`` its options (from the command line, or from cost.json on --replot)."""
+    named = getattr(args, "combiners", None)
     lines = [
         "## Cost: network passes, time and memory per guided step",
         "",
-        f"Command: `{command('cost', argv)}`  ",
-        f"Machine: {machine()}  ",
-        f"Code: git {revision()}  ",
-        f"Date: {now()}; wall time {wall / 60:.1f} min (CPU shared with other jobs; ratios are within this run).",
+        f"Command: `{command('cost', meta.get('argv', []))}`  ",
+        f"Machine: {meta.get('machine') or 'not recorded'}  ",
+        f"Code: {code(meta)}  ",
+        f"Date: {meta.get('date') or 'not recorded'}; wall time {_wall(meta)} (CPU shared with other jobs; ratios are within this run).",
         "",
         f"Batch {args.batch} sample(s) per step; first steps of a 100-step DDPM schedule (t = 990, 980, ...), "
         f"one warm-up step then {args.steps} timed step(s) ({args.celebahq_steps} for the CelebA-HQ UNet); "
         "adaptive step rule. Conditions, in order: " + ", ".join(f"{n} ({k})" for n, k, _ in CONDITIONS)
-        + " (shapes-world energies on the decoded clean estimate; n = 2 uses the first two). cagrad uses c = 0.5.",
+        + " (shapes-world energies on the decoded clean estimate; n = 2 uses the first two). "
+        + (f"Combiners named by `--combiners {named}`, built through the plugin registry, each for the n it "
+           "accepts; sum runs as the reference of the ratios; floors are given for the built-in cases only."
+           if named else "cagrad uses c = 0.5."),
         "",
         "**How passes are counted.** The model's eps is wrapped: each call counts one forward pass. Identity "
         "`torch.autograd.Function`s on the network's input and output count one backward pass each time autograd "
@@ -383,17 +423,18 @@ def page_section(args, argv, rows, units, wall) -> str:
                   "|---|" + "---|" * 11]
         for r in mrows:
             s = next((x for x in mrows if x["combiner"] == "sum" and x["n"] == r["n"]), None)
-            fl = floor(r["combiner"], r["n"])
+            fl = floor(r["combiner"], r["n"]) if r["combiner"] in COMBINERS else None
             fl_sum = floor("sum", r["n"])
             pred = counted = "-"
             p = r["passes"]
             if f is not None:
                 price = lambda q: q["forward"] * f + q["backward"] * b + q["double"] * d  # noqa: E731
-                pred = ratio(price(fl), price(fl_sum))
+                pred = ratio(price(fl), price(fl_sum)) if fl else "-"
                 counted = ratio(price(p), s and price(s["passes"]))
+            floor_cell = f"({fl['forward']}, {fl['backward']}, {fl['double']})" if fl else "-"
             lines.append(
                 f"| {r['combiner']} | {r['n']} | {p['forward']:g} | {p['backward']:g} | {p['double']:g} | "
-                f"({fl['forward']}, {fl['backward']}, {fl['double']}) | {r['seconds_per_step']:.3f} | "
+                f"{floor_cell} | {r['seconds_per_step']:.3f} | "
                 f"{ratio(r['seconds_per_step'], s and s['seconds_per_step'])} | {pred} | {counted} | {r['peak_mb']:.0f} | "
                 f"{ratio(r['peak_mb'], s and s['peak_mb']) if s and s['peak_mb'] > 50 else '-'} |")
         for r in errs:
@@ -424,10 +465,10 @@ def cvxpy_timings(m: int = 6, batches=(1, 16, 64), repeats: int = 200, seed: int
     return rows
 
 
-def cvxpy_section(argv, rows) -> str:
+def cvxpy_section(meta: dict, rows) -> str:
     lines = ["## CAGrad's cvxpy solve: one problem per sample (before) and one block problem per step (after)", "",
-             f"Command: `{command('cost', argv)}`  ", f"Machine: {machine()}  ", f"Code: git {revision()}  ",
-             f"Date: {now()}", "",
+             f"Command: `{command('cost', meta.get('argv', []))}`  ", f"Machine: {meta.get('machine') or 'not recorded'}  ",
+             f"Code: {code(meta)}  ", f"Date: {meta.get('date') or 'not recorded'}", "",
              "m = 6 pair gradients (n = 3 conditions), c = 0.5, CLARABEL through one compiled cvxpy problem per "
              "(batch, m); median over the timed solves, compilation excluded. Batch 1 is the per-sample path the "
              "combiner used before a step's problems were solved together.", "",
@@ -436,19 +477,26 @@ def cvxpy_section(argv, rows) -> str:
     return "\n".join(lines)
 
 
+ARGS = ("models", "n", "batch", "steps", "celebahq_size", "celebahq_steps", "threads", "combiners")
+
+
 def parse(argv):
     p = argparse.ArgumentParser(prog="zmagic bench cost", description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     p.add_argument("--n", nargs="*", type=int, default=[2, 3, 4], help="numbers of conditions")
+    p.add_argument("--combiners", default=None, metavar="NAME[:K=V...],...",
+                   help="registry combiners instead of the four built-in cases, comma separated, e.g. "
+                        "sum,cagrad:c=0.8,my-combiner (sum always runs: the ratios are to sum)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up step (small models)")
     p.add_argument("--celebahq-size", type=int, default=64)
     p.add_argument("--celebahq-steps", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="docs/benchmarks", help="folder for cost.json")
-    p.add_argument("--page", default=None, help="markdown page to update (default: <out>/../benchmarks.md)")
-    p.add_argument("--no-page", action="store_true", help="print only")
+    add_out_argument(p)
+    p.add_argument("--no-page", action="store_true", help="print only (no page, no JSON)")
     p.add_argument("--cvxpy-only", action="store_true", help="only time the CAGrad dual (its own page section)")
+    p.add_argument("--replot", action="store_true", help="no measurement: rewrite the cost and cvxpy sections of "
+                   "the page from OUT/benchmarks/cost.json and cvxpy.json")
     # internal: one case in this process
     p.add_argument("--child-model", help=argparse.SUPPRESS)
     p.add_argument("--child-combiner", help=argparse.SUPPRESS)
@@ -459,29 +507,69 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+def replot(args, argv: list[str]) -> int:
+    """The cost and cvxpy sections again from the results JSON (no new measurement)."""
+    page, data = layout(args.out)
+    note = (f"This section re-written on {now()} from {{name}} by `{command('cost', argv)}` "
+            "(no new measurement).\n\n")
+    written = []
+    if (data / "cvxpy.json").exists():
+        saved = json.loads((data / "cvxpy.json").read_text())
+        text = cvxpy_section(saved.get("meta", {}), saved["rows"])
+        write_section(page, "cvxpy", _with_note(text, note.format(name="cvxpy.json")))
+        written.append("cvxpy")
+    if (data / "cost.json").exists():
+        saved = json.loads((data / "cost.json").read_text())
+        meta = saved.get("meta", {})
+        for key, value in meta.get("args", {}).items():
+            setattr(args, key, value)
+        text = page_section(args, meta, saved["rows"], saved["units"])
+        write_section(page, "cost", _with_note(text, note.format(name="cost.json")))
+        written.append("cost")
+    if not written:
+        raise InputError(f"nothing to re-write: no cost.json or cvxpy.json in {data} "
+                         f"(run `zmagic bench cost --out {args.out}` first)")
+    print(f"re-wrote the {' and '.join(written)} section(s) of {page}")
+    return 0
+
+
+def _with_note(text: str, note: str) -> str:
+    """The section with ``note`` as the paragraph after its header lines (Command, Machine, Code, Date)."""
+    head, sep, rest = text.partition("\n\n")  # the title
+    block, sep2, rest2 = rest.partition("\n\n")  # Command .. Date
+    return head + sep + block + sep2 + note + rest2
+
+
 def main(argv: list[str]) -> int:
     argv = [a for a in argv if a != "--"]  # `zmagic bench X -- ARGS`: the separator may be passed through
     args = parse(argv)
     if args.child_model:
         return child(args)
+    if args.replot:
+        return replot(args, argv)
+    combiners, specs = labels(args.combiners)  # checked before anything runs
     import torch
 
     torch.set_num_threads(args.threads)  # as in the children, so the page's machine line says so
+    page, data = (None, None) if args.no_page else layout(args.out)
     solver_rows = cvxpy_timings()
     print(json.dumps(solver_rows), flush=True)
-    if not args.no_page:
-        page = Path(args.page) if args.page else Path(args.out).parent / "benchmarks.md"
-        write_section(page, "cvxpy", cvxpy_section(list(argv), solver_rows))
+    if page is not None:
+        meta = {"argv": list(argv), "date": now(), "machine": machine(), "version": version()}
+        (data / "cvxpy.json").write_text(json.dumps({"rows": solver_rows, "meta": meta}, indent=1))
+        write_section(page, "cvxpy", cvxpy_section(meta, solver_rows))
     if args.cvxpy_only:
         return 0
     started = time.time()
+    meta = {"argv": list(argv), "date": now(), "machine": machine(), "version": version(),
+            "args": {key: getattr(args, key) for key in ARGS}}
     common = ["--batch", str(args.batch), "--threads", str(args.threads)]
     rows, units = [], {}
     for model in args.models:
         size = sizes(args)[model]
         units[model] = spawn(["--child-model", model, "--child-size", str(size), "--units"] + common).get("units", {})
         print(f"[{time.time() - started:6.1f} s] {model} units {units[model]}", flush=True)
-        for _, combiner, n in cases([model], args.n):
+        for _, combiner, n in cases([model], args.n, combiners, specs):
             r = spawn(["--child-model", model, "--child-combiner", combiner, "--child-n", str(n),
                        "--child-size", str(size), "--child-steps", str(model_steps(args, model))] + common)
             r.setdefault("model", model)
@@ -489,11 +577,9 @@ def main(argv: list[str]) -> int:
             r.setdefault("n", n)
             rows.append(r)
             print(f"[{time.time() - started:6.1f} s] {json.dumps(r)}", flush=True)
-    out = Path(args.out)
-    if not args.no_page:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "cost.json").write_text(json.dumps({"rows": rows, "units": units}, indent=1))
-        page = Path(args.page) if args.page else out.parent / "benchmarks.md"
-        write_section(page, "cost", page_section(args, list(argv), rows, units, time.time() - started))
-        print(f"wrote {page}")
+    if page is not None:
+        meta["wall"] = time.time() - started
+        (data / "cost.json").write_text(json.dumps({"rows": rows, "units": units, "meta": meta}, indent=1))
+        write_section(page, "cost", page_section(args, meta, rows, units))
+        print(f"wrote {page} and {data / 'cost.json'}")
     return 0 if all("error" not in r for r in rows) else 1

@@ -1,8 +1,18 @@
 """`zmagic bench quality`: every combiner on fixed shapes-world scenarios, against the exact oracle.
 
-    zmagic bench quality                         # the full run (docs/benchmarks.md, figures)
-    zmagic bench quality -- --quick              # 64 samples, fewer scenarios' methods
-    zmagic bench quality -- --samples 8 --steps 10 --scale 0.25 --scenarios attr+mask --out /tmp/q
+    zmagic bench quality --out docs              # the full run (docs/benchmarks.md, docs/benchmarks/)
+    zmagic bench quality --quick --out /tmp/b    # a few minutes: fewer samples and steps
+    zmagic bench quality --samples 8 --steps 10 --scale 0.25 --scenarios attr+mask --out /tmp/q
+    zmagic bench quality --combiners sum,cagrad:c=0.8,my-combiner   # combiners by registry name
+    zmagic bench quality --replot --out docs     # no sampling: figures and section from quality.json
+
+The report goes to ``--out DIR`` (default ./zmagic-bench): the section ``quality`` of
+DIR/benchmarks.md, and figures and quality.json in DIR/benchmarks/.
+
+``--combiners`` names combiners of the plugin registry (installed plugins included), comma
+separated, each optionally with options (``name:key=value:key=value``); every scenario then runs
+no guidance, each named combiner that accepts its number of conditions (labelled as written)
+and the oracle.  Without it, each scenario runs its own list of the built-in combiners below.
 
 Per scenario and method: joint satisfaction, per-condition final energy, on-manifold rate,
 coverage and total variation to the exact conditional distribution, the cosine between the
@@ -27,12 +37,14 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from zmagic_core.app.bench.report import command, machine, now, revision, write_section
+from zmagic_core.app.bench.report import (DATA_NAME, CombinerSpec, add_out_argument, code, command, layout, machine,
+                                          now, parse_combiners, version, write_section)
+from zmagic_core.contracts.errors import ConfigError, InputError
 from zmagic_core.method.combiners import CAGradCombiner, DependentCombiner, SumCombiner, cosine
 from zmagic_core.contracts.components import Combiner
 from zmagic_core.method.guidance import Condition
@@ -172,19 +184,20 @@ class Recorder(Combiner):
 
 
 def run_method(world: ShapesModel, scenario: dict, method: str, seeds: list[int], scale: float, steps: int,
-               batch_size: int) -> dict:
-    """One method on one scenario for one seed set; every figure from this run."""
+               batch_size: int, combiner: Optional[Callable[[], Combiner]] = None) -> dict:
+    """One method on one scenario for one seed set; every figure from this run.  ``method`` is the
+    label; ``combiner`` builds its combiner (default: ``make_combiner(method)``, the built-in labels)."""
     energies = [build_energy(world, kind, opts) for _, kind, opts in scenario["conditions"]]
     names = [name for name, _, _ in scenario["conditions"]]
     joint = world.conditioned(target_log_weights(world, energies))
     singles = [world.conditioned(target_log_weights(world, [e])) for e in energies]
-    if method.startswith("dep") and method.endswith("2>1"):
+    if combiner is None and method.startswith("dep") and method.endswith("2>1"):
         order = [1, 0]
     else:
         order = list(range(len(energies)))
     guided = method not in ("none", "oracle")
     conditions = [Condition(names[i], energies[i], "adaptive", scale, start=(10**6 if guided else -1)) for i in order]
-    recorder = Recorder(make_combiner(method), world, joint, singles)
+    recorder = Recorder(combiner() if combiner is not None else make_combiner(method), world, joint, singles)
     model = joint if method == "oracle" else world
     solver = DDIMSolver(0.0) if scenario.get("solver") == "ddim" else DDPMSolver()
     pipe = Pipeline(model, solver, recorder, conditions, steps)
@@ -320,9 +333,16 @@ def _plt():
     return plt
 
 
-def method_color(method: str) -> str:
-    """The same colour for a method in every figure."""
-    return f"C{ALL_METHODS.index(method) % 10}" if method in ALL_METHODS else "k"
+EXTRA_COLORS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666")  # Dark2
+
+
+def method_colors(results: dict) -> dict[str, str]:
+    """The same colour for a method in every figure: the built-in labels keep theirs (C0..C9 in the
+    order of ALL_METHODS); other labels (--combiners) take the Dark2 colours in order of appearance."""
+    labels = list(dict.fromkeys(m for methods in results.values() for m in methods))
+    extras = [m for m in labels if m not in ALL_METHODS]
+    return {m: f"C{ALL_METHODS.index(m) % 10}" if m in ALL_METHODS else EXTRA_COLORS[extras.index(m) % len(EXTRA_COLORS)]
+            for m in labels}
 
 
 def _curve(ax, ts, runs, label, style="-", color=None):
@@ -338,6 +358,7 @@ def _curve(ax, ts, runs, label, style="-", color=None):
 
 def figure_energies(results: dict, out: Path) -> list[str]:
     plt = _plt()
+    colors = method_colors(results)
     files = []
     for sc_name, methods in results.items():
         names = list(next(iter(methods.values()))[0]["energy_step"])
@@ -347,7 +368,7 @@ def figure_energies(results: dict, out: Path) -> list[str]:
             for method, runs in methods.items():
                 ts = runs[0]["timesteps"]
                 _curve(ax, ts, [r["energy_step"][n] for r in runs], method,
-                       "--" if method in ("none", "oracle") else "-", method_color(method))
+                       "--" if method in ("none", "oracle") else "-", colors[method])
             ax.set_xlim(1000, 0)
             ax.set_xlabel("t (energy of the clean estimate after the step)")
             ax.set_ylabel(f"median energy {n}")
@@ -398,12 +419,13 @@ def figure_cosine_exact(results: dict, out: Path) -> str:
     rows = -(-(n + 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.1 * rows), squeeze=False)
     flat = list(axes.flat)
+    colors = method_colors(results)
     seen = {}
     for ax, (sc_name, methods) in zip(flat, results.items()):
         for method, runs in methods.items():
             if method in ("none", "oracle"):
                 continue
-            _curve(ax, runs[0]["timesteps"], [r["cos_exact_step"] for r in runs], method, "-", method_color(method))
+            _curve(ax, runs[0]["timesteps"], [r["cos_exact_step"] for r in runs], method, "-", colors[method])
             seen[method] = ax.lines[-1]
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlim(1000, 0)
@@ -459,14 +481,17 @@ def slug(name: str) -> str:
 
 
 # -- the page ------------------------------------------------------------------------------------
-def page_section(args, argv, scale, sweep_rows, results, scenarios, figures, wall, date=None, rev=None) -> str:
+def page_section(args, meta: dict, scale, sweep_rows, results, scenarios, figures) -> str:
+    """The page's ``quality`` section; ``meta``: the run's record in quality.json (argv, machine, date,
+    wall, version, and with --combiners the labels, their descriptions and the scenarios skipped)."""
+    wall = meta.get("wall", float("nan"))
     lines = [
         "## Quality: every combiner against the exact oracle (shapes world)",
         "",
-        f"Command: `{command('quality', argv)}`  ",
-        f"Machine: {machine()}  ",
-        f"Code: git {rev or 'unknown'}  ",
-        f"Date: {date or now()}; wall time {'not recorded' if math.isnan(wall) else f'{wall / 60:.1f} min'} (CPU shared with other jobs: compare CPU seconds within this run only).",
+        f"Command: `{command('quality', meta.get('argv', []))}`  ",
+        f"Machine: {meta.get('machine') or 'not recorded'}  ",
+        f"Code: {code(meta)}  ",
+        f"Date: {meta.get('date') or 'not recorded'}; wall time {'not recorded' if math.isnan(wall) else f'{wall / 60:.1f} min'} (CPU shared with other jobs: compare CPU seconds within this run only).",
         "",
         f"Setting: shapes world (32 px, K = 108 prototypes, sigma0 = 0.1), {args.steps} ancestral (DDPM) steps unless the "
         f"scenario says DDIM; {args.seeds_sets} seed sets of {len(seed_sets(args.samples, args.seeds_sets)[0])} samples "
@@ -474,12 +499,24 @@ def page_section(args, argv, scale, sweep_rows, results, scenarios, figures, wal
         "samples per method and scenario. Figures in tables: mean over the seed sets [min, max over the seed sets]. "
         "Every condition is active at every step (no window, no time travel).",
         "",
-        "Reduced to fit a 2-core CPU (the full default took 14 to 35 minutes there, depending on the load from other jobs): CAGrad with c = 0.8 runs "
-        "only on the first scenario; the DDIM scenario runs one order of the dependent combiner and one CAGrad; "
-        "the 3-condition set runs sum and CAGrad c = 0.5, the 4-condition set sum and CAGrad c = 0 (12 pair "
-        "gradients per step); the dependent combiner takes exactly two conditions, so it is absent there. "
-        "The sweep uses 32 samples per run and one seed set.",
-        "",
+    ]
+    if meta.get("combiners"):
+        lines += [
+            "Methods given on the command line (`--combiners`), built through the plugin registry: every scenario "
+            "runs no guidance, each named combiner that accepts its number of conditions, and the oracle."
+            + (f" The sweep uses {meta.get('sweep_samples', 32)} samples per run and one seed set." if sweep_rows else ""),
+            "",
+        ]
+    else:
+        lines += [
+            "Reduced to fit a 2-core CPU (the full default took 14 to 35 minutes there, depending on the load from other jobs): CAGrad with c = 0.8 runs "
+            "only on the first scenario; the DDIM scenario runs one order of the dependent combiner and one CAGrad; "
+            "the 3-condition set runs sum and CAGrad c = 0.5, the 4-condition set sum and CAGrad c = 0 (12 pair "
+            "gradients per step); the dependent combiner takes exactly two conditions, so it is absent there."
+            + (f" The sweep uses {meta.get('sweep_samples', 32)} samples per run and one seed set." if sweep_rows else ""),
+            "",
+        ]
+    lines += [
         "Metrics (zmagic_core.models.shapes.evaluate): *joint* = rate of samples whose nearest prototype satisfies every "
         "condition (p(c_i|k) >= half the best); *joint & on-manifold* = the same and within 2 sigma0 RMS of that prototype; "
         "*E(c)* = mean final energy of the condition on x0 (over the samples where it is finite; the others are counted); *on-man.* = on-manifold rate; *coverage* = share of the "
@@ -510,7 +547,9 @@ def page_section(args, argv, scale, sweep_rows, results, scenarios, figures, wal
         lines += ["", "Cells: joint & on-manifold rate (j = joint satisfaction, m = on-manifold rate).", ""]
     else:
         lines += [f"Given on the command line: adaptive rule, scale {scale} for every condition and method (no sweep).", ""]
-    lines += ["### Methods", ""] + [f"- `{m}`: {h}" for m, h in METHOD_HELP.items()] + [""]
+    ran = list(dict.fromkeys(m for methods in results.values() for m in methods))
+    helps = {**METHOD_HELP, **meta.get("method_help", {})}
+    lines += ["### Methods", ""] + [f"- `{m}`: {helps.get(m, 'not described')}" for m in ran] + [""]
     lines += ["### Scenarios and results", ""]
     for sc in scenarios:
         methods = results[sc["name"]]
@@ -523,7 +562,8 @@ def page_section(args, argv, scale, sweep_rows, results, scenarios, figures, wal
             + f". Solver: {'DDIM eta=0' if sc.get('solver') == 'ddim' else 'DDPM ancestral'}. "
             f"Satisfying prototypes: {first['satisfying_prototypes']}; mass of the exact target on them "
             f"(the best joint satisfaction an exact sampler reaches; the ground truth p(c|k) is soft): "
-            f"{first['target_joint']:.3f}. Why: {sc['why']}.",
+            f"{first['target_joint']:.3f}. Why: {sc['why']}."
+            + "".join(f" Not run here: `{m}` ({why})." for m, why in meta.get("skipped", {}).get(sc["name"], {}).items()),
             "",
             "| method | joint | joint & on-man. | " + " | ".join(f"E({n})" for n in names)
             + " | on-man. | coverage | TV | " + " | ".join(f"cos exact t{b}" for b in BAND_NAMES)
@@ -548,109 +588,153 @@ def page_section(args, argv, scale, sweep_rows, results, scenarios, figures, wal
             dep = [fmt([r["cos_dependence_band"][b] for r in methods["sum"]], 2, False) for b in range(len(BANDS))]
             lines += ["", "Dependence along the sum trajectories (cos between exact joint and sum of exact single "
                       "gradients) per band " + ", ".join(f"t{b}: {d}" for b, d in zip(BAND_NAMES, dep)) + "."]
-        lines += ["", f"![energies over the steps, {sc['name']}](benchmarks/{figures['energies'][slug(sc['name'])]})", "",
+        lines += ["", f"![energies over the steps, {sc['name']}]({DATA_NAME}/{figures['energies'][slug(sc['name'])]})", "",
                   "Paper Figure 3: each condition's energy on the base model's clean estimate after every step, "
                   "median over the samples of a seed set (a few diverged samples dominate the mean; quality.json "
                   "has both), line: mean of the seed sets' medians, band: their min..max.", ""]
     lines += ["### Figures", ""]
-    lines += [f"![joint satisfaction per method](benchmarks/{figures['joint']})", "",
+    lines += [f"![joint satisfaction per method]({DATA_NAME}/{figures['joint']})", "",
               "Joint satisfaction (blue) and joint & on-manifold rate (orange) per method; bars: mean over the seed "
               "sets, whiskers: min..max over the seed sets.", ""]
     if figures.get("cosine_conditions"):
-        lines += [f"![cosine between the conditions' gradients](benchmarks/{figures['cosine_conditions']})", "",
+        lines += [f"![cosine between the conditions' gradients]({DATA_NAME}/{figures['cosine_conditions']})", "",
                   "Paper Figure 1: cosine between g1 and g2 at x_t under sum, and between g1 and g2|1 under the "
                   "dependent combiner, over the steps (band: min..max of the per-seed-set means).", ""]
-    lines += [f"![cosine to the exact gradient](benchmarks/{figures['cosine_exact']})", "",
+    lines += [f"![cosine to the exact gradient]({DATA_NAME}/{figures['cosine_exact']})", "",
               "Cosine between each method's G and the exact grad log p(c|x_t) over the steps.", ""]
     return "\n".join(lines)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="zmagic bench quality", description=__doc__.split("\n")[0])
-    p.add_argument("--samples", type=int, default=None, help="samples per method and scenario (default 256; --quick 48)")
-    p.add_argument("--seeds-sets", type=int, default=None, help="disjoint seed sets the samples are split into (default 4; --quick 3)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--quick", action="store_true", help="fewer samples, a smaller sweep")
+    p.add_argument("--samples", type=int, default=None, help="samples per method and scenario (default 256; --quick 32)")
+    p.add_argument("--seeds-sets", type=int, default=None, help="disjoint seed sets the samples are split into (default 4; --quick 2)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 100; --quick 50)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few minutes on 2 CPU cores: 32 samples in 2 seed sets, 50 steps, 16 samples per sweep run")
     p.add_argument("--scale", type=float, default=None, help="adaptive scale for every condition (skips the sweep)")
     p.add_argument("--sweep-samples", type=int, default=None, help="samples per sweep run (default 32; --quick 16)")
     p.add_argument("--scenarios", nargs="*", default=None, help="names of the scenarios to run (default all)")
     p.add_argument("--methods", nargs="*", default=None, help="restrict the methods (default: each scenario's list)")
+    p.add_argument("--combiners", default=None, metavar="NAME[:K=V...],...",
+                   help="registry combiners to run instead of the built-in method lists, comma separated, "
+                        "e.g. sum,cagrad:c=0.8,my-combiner (each scenario also runs none and oracle)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", default="docs/benchmarks", help="folder for figures and results JSON")
-    p.add_argument("--page", default=None, help="markdown page to update (default: <out>/../benchmarks.md)")
+    add_out_argument(p)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds comparable)")
     p.add_argument("--replot", action="store_true",
-                   help="no sampling: redraw the figures and the page section from <out>/quality.json")
+                   help="no sampling: redraw the figures and the page section from OUT/benchmarks/quality.json")
     args = p.parse_args(argv)
-    args.samples = args.samples or (48 if args.quick else 256)
-    args.seeds_sets = args.seeds_sets or (3 if args.quick else 4)
+    args.samples = args.samples or (32 if args.quick else 256)
+    args.seeds_sets = args.seeds_sets or (2 if args.quick else 4)
+    args.steps = args.steps or (50 if args.quick else 100)
     args.sweep_samples = args.sweep_samples or (16 if args.quick else 32)
     return args
+
+
+def select_scenarios(names: Optional[list[str]]) -> list[dict]:
+    scenarios = [s for s in SCENARIOS if names is None or s["name"] in names]
+    unknown = [n for n in names or [] if n not in {s["name"] for s in SCENARIOS}]
+    if unknown or not scenarios:
+        raise ConfigError(f"unknown scenario(s) {unknown or names}; known: {[s['name'] for s in SCENARIOS]}")
+    return scenarios
+
+
+def plan(scenario: dict, specs: Optional[list[CombinerSpec]], only: Optional[list[str]]):
+    """The methods run on a scenario: [(label, combiner factory or None for the built-in labels)],
+    and {label: why} of the named combiners that do not accept its number of conditions."""
+    n = len(scenario["conditions"])
+    skipped: dict[str, str] = {}
+    if specs is None:
+        labels = scenario.get("methods", TWO_CONDITION_METHODS if n == 2 else ["none", "sum", "oracle"])
+        methods: list[tuple[str, Optional[Callable[[], Combiner]]]] = [(m, None) for m in labels]
+    else:
+        methods = [("none", None)] + [(s.label, s.build) for s in specs if s.accepts(n)] + [("oracle", None)]
+        skipped = {s.label: f"takes {s.arity()} conditions" for s in specs if not s.accepts(n)}
+    if only:
+        methods = [(m, f) for m, f in methods if m in only]
+    return methods, skipped
+
+
+def replot(args, argv: list[str], page: Path, data: Path, log) -> int:
+    path = data / "quality.json"
+    if not path.exists():
+        raise InputError(f"nothing to re-plot: {path} does not exist (run `zmagic bench quality --out {args.out}` first)")
+    results_file = json.loads(path.read_text())
+    meta = results_file.get("meta", {})
+    if not meta.get("date"):
+        import datetime
+
+        mtime = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
+        meta["date"] = f"results written {mtime.strftime('%Y-%m-%d %H:%M UTC')}"
+    results = results_file["results"]
+    scenarios = [s for s in SCENARIOS if s["name"] in results]
+    results = {s["name"]: results[s["name"]] for s in scenarios}
+    for key in ("samples", "seeds_sets", "steps"):
+        setattr(args, key, meta.get(key, getattr(args, key)))
+    figures = make_figures(results, scenarios, data)
+    text = page_section(args, meta, results_file["scale"], results_file["sweep"], results, scenarios, figures)
+    text = text.replace("\n\nSetting:", f"\n\nFigures and this section re-drawn on {now()} from quality.json by "
+                        f"`{command('quality', argv)}` (no new sampling).\n\nSetting:", 1)
+    write_section(page, "quality", text)
+    log(f"re-plotted from {path}; wrote {page}")
+    return 0
 
 
 def main(argv: list[str]) -> int:
     argv = [a for a in argv if a != "--"]  # `zmagic bench X -- ARGS`: the separator may be passed through
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    page = Path(args.page) if args.page else out.parent / "benchmarks.md"
     started = time.time()
 
     def log(msg):
         print(f"[{time.time() - started:7.1f} s] {msg}", flush=True)
 
     if args.replot:
-        data = json.loads((out / "quality.json").read_text())
-        meta = data.get("meta", {})
-        scenarios = [s for s in SCENARIOS if s["name"] in data["results"]]
-        for key in ("samples", "seeds_sets", "steps"):
-            setattr(args, key, meta.get(key, getattr(args, key)))
-        figures = make_figures(data["results"], scenarios, out)
-        import datetime
-
-        mtime = datetime.datetime.fromtimestamp((out / "quality.json").stat().st_mtime, datetime.timezone.utc)
-        date = meta.get("date") or f"results written {mtime.strftime('%Y-%m-%d %H:%M UTC')}"
-        text = page_section(args, meta.get("argv", []), data["scale"], data["sweep"], data["results"], scenarios,
-                            figures, meta.get("wall", float("nan")), date, meta.get("revision"))
-        text = text.replace("\n\nSetting:", f"\n\nFigures and this section re-drawn on {now()} from quality.json by "
-                            f"`zmagic bench quality -- --replot` (no new sampling).\n\nSetting:", 1)
-        write_section(page, "quality", text)
-        log(f"re-plotted from {out / 'quality.json'}; wrote {page}")
-        return 0
+        return replot(args, argv, *layout(args.out), log)
+    # everything the command line names is checked before any sampling (and before OUT is created)
+    specs = parse_combiners(args.combiners) if args.combiners else None
+    scenarios = select_scenarios(args.scenarios)
+    plans = {sc["name"]: plan(sc, specs, args.methods) for sc in scenarios}
+    page, data = layout(args.out)
     meta = {"argv": list(argv), "samples": args.samples, "seeds_sets": args.seeds_sets, "steps": args.steps,
-            "date": now(), "revision": revision()}
+            "sweep_samples": args.sweep_samples, "date": now(), "machine": machine(), "version": version()}
+    if specs is not None:
+        meta["combiners"] = [s.label for s in specs]
+        meta["method_help"] = {s.label: s.description for s in specs}
+        meta["skipped"] = {name: skipped for name, (_, skipped) in plans.items() if skipped}
     world = ShapesModel(32)
     if args.scale is None:
         scale, sweep_rows = sweep(world, args.sweep_samples, args.steps, args.batch_size, log)
         log(f"chosen scale {scale}")
     else:
         scale, sweep_rows = args.scale, []
-    scenarios = [s for s in SCENARIOS if args.scenarios is None or s["name"] in args.scenarios]
-    if not scenarios:
-        raise SystemExit(f"no scenario among {args.scenarios}; known: {[s['name'] for s in SCENARIOS]}")
     sets = seed_sets(args.samples, args.seeds_sets)
     results: dict[str, dict[str, list[dict]]] = {}
     for sc in scenarios:
-        methods = sc.get("methods", TWO_CONDITION_METHODS if len(sc["conditions"]) == 2 else ["none", "sum", "oracle"])
-        if args.methods:
-            methods = [m for m in methods if m in args.methods]
+        methods, skipped = plans[sc["name"]]
+        for label, why in skipped.items():
+            log(f"{sc['name']:>24} {label:>13}: skipped ({why})")
         results[sc["name"]] = {}
-        for method in methods:
+        for method, factory in methods:
             runs = []
             for seeds in sets:
-                runs.append(run_method(world, sc, method, seeds, scale, args.steps, args.batch_size))
+                runs.append(run_method(world, sc, method, seeds, scale, args.steps, args.batch_size, factory))
             results[sc["name"]][method] = runs
             log(f"{sc['name']:>24} {method:>13}: joint {fmt([r['joint'] for r in runs])}, "
                 f"on-manifold {fmt([r['on_manifold'] for r in runs], 2, False)}, "
                 f"cos exact {[round(float(x), 2) for x in nanmean([r['cos_exact_band'] for r in runs])]}, "
                 f"{sum(r['cpu_seconds'] for r in runs):.1f} s cpu")
         meta["wall"] = time.time() - started
-        (out / "quality.json").write_text(json.dumps({"scale": scale, "sweep": sweep_rows, "results": results,
-                                                      "meta": meta}))
-    figures = make_figures(results, scenarios, out)
-    text = page_section(args, list(argv), scale, sweep_rows, results, scenarios, figures, time.time() - started,
-                        meta["date"], meta["revision"])
+        (data / "quality.json").write_text(json.dumps({"scale": scale, "sweep": sweep_rows, "results": results,
+                                                       "meta": meta}))
+    results = {name: methods for name, methods in results.items() if methods}
+    scenarios = [sc for sc in scenarios if sc["name"] in results]
+    if not results:
+        raise ConfigError("no method ran on the chosen scenarios (see --methods and --combiners)")
+    figures = make_figures(results, scenarios, data)
+    meta["wall"] = time.time() - started
+    text = page_section(args, meta, scale, sweep_rows, results, scenarios, figures)
     write_section(page, "quality", text)
-    log(f"wrote {page} and figures in {out}")
+    log(f"wrote {page} and figures in {data}")
     return 0
