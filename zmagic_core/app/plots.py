@@ -1,9 +1,19 @@
-"""The paper's two diagnostic figures from a run's trace (matplotlib, written as PNG)."""
+"""The paper's two diagnostic figures from a run's trace (matplotlib, written as PNG, atomically)."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+
+from zmagic_core.files.atomic import write_bytes
+
+
+def _save(fig, path: Path) -> None:
+    """Render the figure to PNG bytes, then write them atomically (no half-written plot ever)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_bytes(path, buf.getvalue())
 
 
 def _series(traces: list[list[dict]], group: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -45,7 +55,7 @@ def plot_energies(traces, path: Path, title: str = "") -> None:
         ax.invert_xaxis()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -70,5 +80,5 @@ def plot_cosines(traces, path: Path, title: str = "") -> None:
         ax.legend(fontsize=7)
     ax.set_title(title or "gradient cosine")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
