@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml $(PLUGINS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[diffusers,test]" $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	$(PIP) install -q -e ".[diffusers,test,ui]" $(foreach p,$(PLUGINS),-e $(dir $(p)))
 	touch $@
 
 $(CORE_VENV)/.installed: pyproject.toml
@@ -29,9 +29,10 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/zmagic demo --out outputs/demo
 
-# Everything together: the core's tests, the integration tests (core + plugins), every plugin's tests.
+# Everything together: the core's tests, the integration tests (core + plugins), the web app's tests
+# (tests/ui: its browser tests need chromium and chromedriver, which .ci/run installs), every plugin's tests.
 test: install
-	$(PY) -m pytest -q tests/core tests/integration $(wildcard plugins/*/tests)
+	$(PY) -m pytest -q tests/core tests/integration tests/ui $(wildcard plugins/*/tests)
 
 # The core's tests in a virtualenv that has the core (and its extras) but no plugin.
 test-core: $(CORE_VENV)/.installed

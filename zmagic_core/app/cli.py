@@ -1,4 +1,8 @@
-"""The `zmagic` command: list plugins, generate from a recipe, run the demo and the benchmarks."""
+"""The `zmagic` command: list plugins, check or generate a recipe, run the demo and the benchmarks.
+
+Errors a user can act on (``ZmagicError``) print as one line ``zmagic: error: ...`` (at most
+``MAX_MESSAGE`` characters) and exit with 2; ``zmagic check`` prints one such line per problem.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +10,48 @@ import sys
 from pathlib import Path
 
 from zmagic_core.contracts.errors import ZmagicError
+
+MAX_MESSAGE = 2000
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
+    """A message on one line: the lines of a multi-line message joined with '; ' (after a line ending in
+    ':' or before one in parentheses, with a space), cut to ``limit`` characters."""
+    lines = [" ".join(line.split()) for line in str(message).splitlines()]
+    lines = [line for line in lines if line]
+    text = lines[0] if lines else ""
+    for line in lines[1:]:
+        text += (" " if text.endswith(":") or line.startswith("(") else "; ") + line
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
+def _error(message: str, kind: str = "error") -> None:
+    print(f"zmagic: {kind}: {one_line(message)}", file=sys.stderr)
+
+
+def _versions() -> str:
+    import importlib.metadata
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    torch = version("torch")
+    loaded = sys.modules.get("torch")
+    if loaded is not None and getattr(loaded, "__version__", None):
+        torch = str(loaded.__version__)
+    return f"zmagic-core {version('zmagic-core')} (torch {torch}, Python {sys.version.split()[0]})"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_versions())
+        parser.exit(0)
 
 
 def cmd_plugins(args) -> int:
@@ -27,6 +73,8 @@ def cmd_generate(args) -> int:
     from zmagic_core.app.runner import generate
 
     recipe = load_recipe(args.recipe, overrides=args.set or [])
+    for note in recipe._plan.notes if recipe._plan is not None else ():
+        _error(note, "warning")
     out = Path(args.out) if args.out else Path(recipe.output or f"outputs/{Path(args.recipe).stem}")
     record = generate(recipe, out, progress=False if args.no_progress else None)
     print(f"wrote {len(record['completed'])} of {len(record['seeds'])} samples to {out}")
@@ -39,6 +87,22 @@ def cmd_generate(args) -> int:
     return 1 if record["failed"] else 0
 
 
+def cmd_check(args) -> int:
+    from zmagic_core.assembly.build import check_report, describe_plan
+
+    problems, plan = check_report(args.recipe, overrides=args.set or [])
+    if problems:
+        for problem in problems:
+            _error(problem)
+        return 2
+    for note in plan.notes:
+        _error(note, "warning")
+    print("ok")
+    for line in describe_plan(plan):
+        print(f"  {line}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from zmagic_core.app.demo import run_demo
 
@@ -48,6 +112,7 @@ def cmd_demo(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="zmagic", description="Zero-shot multi-condition guided diffusion.")
+    parser.add_argument("--version", action=_VersionAction, help="print the versions of zmagic-core and torch")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plugins", help="list installed plugins and what they register")
@@ -60,6 +125,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("check", help="check a recipe without loading anything: every problem, one per line")
+    p.add_argument("recipe", help="recipe file")
+    p.add_argument("--set", action="append", metavar="PATH=VALUE", help="override a field, e.g. combiner.c=0.4")
+    p.set_defaults(func=cmd_check)
+
     p = sub.add_parser("demo", help="the shapes world under sum, dependent and cagrad, with a summary table")
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--samples", type=int, default=64)
@@ -70,11 +140,18 @@ def main(argv=None) -> int:
 
     add_bench_parser(sub)
 
-    args = parser.parse_args(argv)
+    from zmagic_core.app.ui_command import add_ui_parser
+
+    add_ui_parser(sub)
+
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, a usage error (argparse printed it)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
         return args.func(args)
     except ZmagicError as exc:
-        print(f"zmagic: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
 
 

@@ -218,8 +218,12 @@ class _Folder:
 
 
 # -- the run ------------------------------------------------------------------------------------
-def generate(recipe: Recipe, out: Optional[Path] = None, progress: Optional[bool] = None, registry=None) -> dict:
-    """Run (or resume) a recipe into ``out``; returns the aggregated record."""
+def generate(recipe: Recipe, out: Optional[Path] = None, progress: Optional[bool] = None, registry=None,
+             callback=None) -> dict:
+    """Run (or resume) a recipe into ``out``; returns the aggregated record.
+
+    ``callback``: called every sampling step with {"step", "t", "x", "record"} (progress, cancelling
+    by raising KeyboardInterrupt, which the loop lets through)."""
     out = Path(out or recipe.output or "outputs/run")
     plan = check_recipe(recipe, registry)  # once per run: the build below reuses it
     _make_folder(out)
@@ -245,7 +249,8 @@ def generate(recipe: Recipe, out: Optional[Path] = None, progress: Optional[bool
             pipeline = build_pipeline(plan)
             show = recipe.progress if progress is None else progress
             for batch, chunk in _batches(pending, len(seeds), recipe.batch_size):
-                result = pipeline.run([seeds[i] for i in batch], batch_size=recipe.batch_size, progress=show)
+                result = pipeline.run([seeds[i] for i in batch], batch_size=recipe.batch_size, progress=show,
+                                      callback=callback)
                 by_seed = {s: k for k, s in enumerate(result.seeds)}
                 for i in chunk:
                     if seeds[i] in result.errors:
