@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from zmagic_core import BuildContext, ConfigError, Energy
+from zmagic_core import BuildContext, ConfigError, Energy, FilePath
 
 from .loading import DEFAULT_PRETRAINED, LoadedClip, load_open_clip
 
@@ -56,8 +56,8 @@ class ClipTextOptions(BaseModel):
                                                    "model_config registers)")
     pretrained: Optional[str] = Field(DEFAULT_PRETRAINED, description="open_clip pretrained tag; with checkpoint "
                                       "it only names which weights the file holds (preprocessing, QuickGELU)")
-    checkpoint: Optional[str] = Field(None, description="local weights file (.safetensors / torch state dict)")
-    model_config_path: Optional[str] = Field(None, alias="model_config",
+    checkpoint: Optional[FilePath] = Field(None, description="local weights file (.safetensors / torch state dict)")
+    model_config_path: Optional[FilePath] = Field(None, alias="model_config",
                                              description="JSON file with a custom open_clip model config")
     quick_gelu: Optional[bool] = Field(None, description="force QuickGELU; default: as the pretrained tag says")
     download: bool = Field(True, description="download missing weights (never when HF_HUB_OFFLINE=1)")

@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from zmagic_core import (BuildContext, ConfigError, Energy, find_weights, load_image, load_strict,
+from zmagic_core import (BuildContext, ConfigError, Energy, FilePath, find_weights, load_image, load_strict,
                          read_state_dict)
 
 from .faces import Box, check_box, crop_resize, detect_face, fixed_crop_256, square_box
@@ -32,10 +32,10 @@ INPUT_SIZES = {"arcface": 112, "facenet": 160}
 
 class FaceIDOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reference: str = Field(..., description="image file with the face whose identity the samples should take")
+    reference: FilePath = Field(..., description="image file with the face whose identity the samples should take")
     backbone: Literal["arcface", "facenet"] = Field(
         "arcface", description="arcface: IR-SE50 (model_ir_se50.pth, as FreeDoM); facenet: InceptionResnetV1")
-    weights: Optional[str] = Field(None, description="state-dict file (.pth/.pt or .safetensors); default: "
+    weights: Optional[FilePath] = Field(None, description="state-dict file (.pth/.pt or .safetensors); default: "
                                    "looked up by its usual file name")
     pretrained: Literal["vggface2", "casia-webface"] = Field(
         "vggface2", description="facenet only, without 'weights': which facenet-pytorch checkpoint")

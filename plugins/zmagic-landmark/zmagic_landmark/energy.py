@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from zmagic_core import BuildContext, ConfigError, Energy, load_image
+from zmagic_core import BuildContext, ConfigError, Energy, FilePath, load_image
 from zmagic_faceid import Box, check_box, crop_resize, detect_face, square_box
 
 from .networks import FANLandmarks, ONetLandmarks
@@ -26,14 +26,14 @@ POINTS_TO_BOX = {"onet": 2.5, "fan": 1.0}  # face box side / side of the points'
 
 class LandmarkOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reference: Optional[str] = Field(None, description="image whose face's landmarks are the target")
-    points: Optional[str] = Field(None, description="target points file (JSON or .npy), K x 2: 5 for onet, "
+    reference: Optional[FilePath] = Field(None, description="image whose face's landmarks are the target")
+    points: Optional[FilePath] = Field(None, description="target points file (JSON or .npy), K x 2: 5 for onet, "
                                   "68 for fan; image fractions unless points_size is given")
     points_size: Optional[list[float]] = Field(None, min_length=2, max_length=2,
                                                description="[width, height]: the points are pixels of that image")
     backbone: Literal["onet", "fan"] = Field("onet", description="onet: MTCNN O-Net, 5 points, weights ship with "
                                              "facenet-pytorch; fan: face-alignment 2DFAN-4, 68 points")
-    weights: Optional[str] = Field(None, description="state-dict file; default: facenet-pytorch's onet.pt, or "
+    weights: Optional[FilePath] = Field(None, description="state-dict file; default: facenet-pytorch's onet.pt, or "
                                    "face-alignment's cached 2DFAN4-11f355bf06.pth.tar")
     download: bool = Field(True, description="fan only: fetch 2DFAN-4 from face-alignment's URL when not cached")
     box: Optional[list[float]] = Field(None, description="face box [x0, y0, x1, y1] as image fractions, used "

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from zmagic_core import (BuildContext, ConfigError, Energy, InputError, WeightsNotFoundError, find_weights,
-                         load_image)
+from zmagic_core import (BuildContext, ConfigError, Energy, FilePath, InputError, PathOrName,
+                         WeightsNotFoundError, find_weights, load_image)
 
 from .bisenet import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, load_bisenet
 
@@ -34,10 +34,10 @@ WEIGHTS_ENV = "ZMAGIC_PARSING_WEIGHTS"  # a BiSeNet checkpoint file, used when t
 
 class ParsingOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reference: str = Field(..., description="image file whose face parsing the samples should match")
+    reference: FilePath = Field(..., description="image file whose face parsing the samples should match")
     backbone: Literal["bisenet", "segformer"] = Field(
         "bisenet", description="bisenet: zllrunning 79999_iter.pth; segformer: a transformers SegFormer")
-    weights: Optional[str] = Field(
+    weights: Optional[PathOrName] = Field(
         None, description="bisenet: path to 79999_iter.pth (.pth or .safetensors); segformer: a Hugging Face "
                           f"model id or a save_pretrained folder (default {SEGFORMER_DEFAULT!r})")
     input_size: int = Field(512, ge=16, le=4096, description="side the image is resized to before parsing")

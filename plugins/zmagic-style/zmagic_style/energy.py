@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from zmagic_clip import DEFAULT_PRETRAINED, load_open_clip
-from zmagic_core import BuildContext, ConfigError, Energy, load_image, read_state_dict
+from zmagic_core import BuildContext, ConfigError, Energy, FilePath, load_image, read_state_dict
 
 from .backbones import GATYS_LAYERS, ClipTokens, VggFeatures, vgg19_weights_file
 
@@ -23,7 +23,7 @@ VGG_ONLY = ("weights", "image_size", "layers")
 
 class StyleOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    reference: str = Field(..., min_length=1, description="style reference image file")
+    reference: FilePath = Field(..., min_length=1, description="style reference image file")
     backbone: Literal["clip", "vgg"] = Field("clip", description="clip: CLIP ViT tokens after a block "
                                                                  "(FreeDoM); vgg: VGG19 ReLU layers (Gatys)")
     gram: Optional[Literal["sum", "mean"]] = Field(
@@ -35,8 +35,8 @@ class StyleOptions(BaseModel):
     # clip backbone
     model: Optional[str] = Field(None, description="open_clip model (default ViT-B-16)")
     pretrained: Optional[str] = Field(None, description=f"open_clip pretrained tag (default {DEFAULT_PRETRAINED})")
-    checkpoint: Optional[str] = Field(None, description="local CLIP weights file (.safetensors / state dict)")
-    model_config_path: Optional[str] = Field(None, alias="model_config",
+    checkpoint: Optional[FilePath] = Field(None, description="local CLIP weights file (.safetensors / state dict)")
+    model_config_path: Optional[FilePath] = Field(None, alias="model_config",
                                              description="JSON file with a custom open_clip model config")
     quick_gelu: Optional[bool] = None
     block: Optional[int] = Field(None, ge=0, description="0-based ViT block whose output is used (default 2)")
