@@ -14,14 +14,14 @@ $(VENV)/.installed: pyproject.toml $(PLUGINS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[diffusers,test,ui]" $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	$(PIP) install -q -e ".[diffusers,test,ui,eval]" $(foreach p,$(PLUGINS),-e $(dir $(p)))
 	touch $@
 
 $(CORE_VENV)/.installed: pyproject.toml
 	test -x $(CORE_VENV)/bin/python || python3 -m venv $(CORE_VENV)
 	$(CORE_VENV)/bin/pip install -q --upgrade pip
 	$(CORE_VENV)/bin/pip install -q $(TORCH)
-	$(CORE_VENV)/bin/pip install -q -e ".[diffusers,test]"
+	$(CORE_VENV)/bin/pip install -q -e ".[diffusers,test,eval]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -140,6 +140,10 @@ def main(argv=None) -> int:
 
     add_bench_parser(sub)
 
+    from zmagic_core.app.experiment_command import add_experiment_parsers
+
+    add_experiment_parsers(sub)
+
     from zmagic_core.app.ui_command import add_ui_parser
 
     add_ui_parser(sub)

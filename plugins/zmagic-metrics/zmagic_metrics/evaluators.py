@@ -21,7 +21,7 @@ import torch
 
 from zmagic_core import ConfigError, Evaluator, FinishedRun, InputError, WeightsNotFoundError, load_image
 
-from .faces import DlibFaces, DlibMissing, id_distance, landmark_distance
+from .faces import DlibFaces, DlibMissing, landmark_distance
 
 
 def _uint8(image: torch.Tensor) -> np.ndarray:
@@ -208,7 +208,7 @@ class SegmentationEvaluator(_ByKind):
 
     def evaluate(self, run: FinishedRun) -> dict:
         try:
-            import zmagic_parsing  # noqa: F401
+            import zmagic_parsing  # noqa: F401  (the parsers come from the zmagic-parsing plugin)
         except ImportError:
             return {"note": "skipped: segmentation distance needs the zmagic-parsing plugin (BiSeNet, SegFormer)"}
         metrics, notes = {}, []
@@ -216,7 +216,7 @@ class SegmentationEvaluator(_ByKind):
             try:
                 parser = self._parser(backbone)
             except (WeightsNotFoundError, ConfigError, InputError) as exc:
-                notes.append(f"{label} skipped: weights not on this machine ({' '.join(str(exc).split())[:300]})")
+                notes.append(f"{label} skipped: weights not on this machine ({' '.join(str(exc).split())})")
                 continue
             for cond in conditions_of(run.recipe, self.kinds):
                 name = _label(cond)
@@ -258,7 +258,7 @@ class VggStyleEvaluator(_ByKind):
                 path = vgg19_weights_file(self.weights, None, download=False)
                 self._net = VggFeatures(read_state_dict(path, "VGG19"), GATYS_LAYERS, 224, str(path)).to(self.device)
         except (WeightsNotFoundError, ConfigError, InputError) as exc:
-            return {"note": f"skipped: VGG19 weights are not on this machine ({' '.join(str(exc).split())[:400]})"}
+            return {"note": f"skipped: VGG19 weights are not on this machine ({' '.join(str(exc).split())})"}
         metrics = {}
         with torch.no_grad():
             feats = self._net(run.images.to(self.device))
