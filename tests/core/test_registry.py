@@ -6,7 +6,7 @@ import types
 import pytest
 
 import zmagic_core.plugins.builtin  # noqa: F401  (imported before distributions are faked)
-from zmagic_core.contracts.errors import UnknownComponentError
+from zmagic_core.contracts.errors import ContestedComponentError, UnknownComponentError
 from zmagic_core.contracts.hookspecs import hookimpl
 from zmagic_core.plugins.registry import Registry
 
@@ -92,16 +92,25 @@ def test_broken_plugins_are_isolated_and_reported(fake_dists):
     assert reg.get("solver", "solver-x").plugin == "raises"
 
 
-def test_duplicate_names_are_reported_and_first_one_kept(fake_dists):
+def test_duplicate_names_are_contested_and_builtins_win(fake_dists):
     fake_dists.append(FakeDist("zmagic-a", "1", [FakeEntryPoint("a", plugin_module("a", ["same"]))]))
     fake_dists.append(FakeDist("zmagic-b", "1", [FakeEntryPoint("b", plugin_module("b", ["same", "other"]))]))
-    fake_dists.append(FakeDist("zmagic-c", "1", [FakeEntryPoint("c", plugin_module("c", ["sum"]))]))
+    fake_dists.append(FakeDist("zmagic-c", "1", [FakeEntryPoint("c", plugin_module("c", solver_names=["ddpm"]))]))
     reg = Registry()
-    assert reg.get("energy", "same").plugin == "a"
+    with pytest.raises(ContestedComponentError) as err:  # neither plugin's "same" is picked silently
+        reg.get("energy", "same")
+    assert "'a' (zmagic-a 1)" in str(err.value) and "'b' (zmagic-b 1)" in str(err.value)
     assert reg.get("energy", "other").plugin == "b"
+    assert "same" in reg.names("energy")
     infos = {p.name: p for p in reg.plugins()}
-    assert any("'same' is already registered by 'a'" in e for e in infos["b"].errors)
-    assert reg.get("combiner", "sum").plugin == "zmagic_core.plugins.builtin"
+    assert any("'same' is also registered by 'b' (zmagic-b 1)" in e for e in infos["a"].errors)
+    assert any("'same' is also registered by 'a' (zmagic-a 1)" in e for e in infos["b"].errors)
+    # a built-in name always means the built-in; the plugin is refused it and a recipe gets a note
+    assert reg.get("solver", "ddpm").plugin == "zmagic_core.plugins.builtin"
+    assert any("'ddpm' is a built-in name" in e for e in infos["c"].errors)
+    assert any("'c' (zmagic-c 1)" in n for n in reg.notes("solver", "ddpm"))
+    reg.unregister_plugin("b")
+    assert reg.get("energy", "same").plugin == "a"
 
 
 def test_duplicate_across_categories_is_fine(fake_dists):

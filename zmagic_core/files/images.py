@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 from typing import Optional, Union
 
@@ -11,22 +12,62 @@ import torch
 from zmagic_core.contracts.errors import InputError
 
 
+MAX_PIXELS = 50_000_000  # 50 megapixels: larger images (and decompression bombs) are refused unread
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # raster formats read (never EPS & co.)
+
+
 def load_image(path: Union[str, Path], size: Optional[Union[int, tuple[int, int]]] = None) -> torch.Tensor:
-    """An image file as RGB (3, H, W) in [-1, 1], optionally resized (bicubic) to ``size``."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file as RGB (3, H, W) in [-1, 1], optionally resized (bicubic) to ``size``.
+
+    InputError (one line, naming the file) for a missing file, a folder, a file that is not an image
+    in one of ``FORMATS``, a truncated or corrupt file (whatever PIL's ``LOAD_TRUNCATED_IMAGES`` says:
+    a truncated image is never silently padded), and an image or a ``size`` of more than
+    ``MAX_PIXELS`` (50 megapixels) pixels: the limit is checked from the header, before any pixel is
+    decoded, so a decompression bomb costs nothing.
+    """
+    import warnings
+
+    from PIL import Image, ImageFile
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"image not found: {path}")
+    if not path.is_file():
+        raise InputError(f"image {path} is not a file")
+    if size is not None:
+        wh = (size, size) if isinstance(size, numbers.Integral) else (size[1], size[0])
+        wh = tuple(int(v) for v in wh)
+        if min(wh) < 1 or wh[0] * wh[1] > MAX_PIXELS:
+            raise InputError(f"cannot resize image {path} to {size}: sizes are positive and at most "
+                             f"{MAX_PIXELS} pixels in all")
+    truncated = ImageFile.LOAD_TRUNCATED_IMAGES
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None:
-                wh = (size, size) if isinstance(size, int) else (size[1], size[0])
-                im = im.resize(wh, Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.float32)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"cannot read image {path}: {exc}") from None
+        ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never grey padding
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit applies
+            Image.init()
+            with Image.open(path, formats=[f for f in FORMATS if f in Image.OPEN]) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise InputError(f"image {path} is {w}x{h} = {w * h} pixels; at most {MAX_PIXELS} "
+                                     f"({MAX_PIXELS // 1_000_000} megapixels) are read")
+                im = im.convert("RGB")
+                if size is not None:
+                    im = im.resize(wh, Image.BICUBIC)
+                arr = np.asarray(im, dtype=np.float32)
+    except InputError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"image {path} is too large: {exc}; at most {MAX_PIXELS} pixels are read") from None
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # UnidentifiedImageError, OSError (truncated), SyntaxError, ValueError, MemoryError...
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if len(message) > 300:
+            message = message[:300] + "..."
+        raise InputError(f"cannot read image {path}: {message}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated
     return torch.from_numpy(arr.copy()).permute(2, 0, 1) / 127.5 - 1.0
 
 

@@ -24,6 +24,22 @@ from zmagic_core.contracts.errors import ConfigError, WeightsNotFoundError
 from zmagic_core.files.weights import hub_offline, load_strict, read_state_dict, unreachable
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DIFFUSERS_EXTRA = 'pip install "zmagic-core[diffusers]"'
+# what an options model of a pretrained kind declares; ``assembly.build`` checks it before anything loads
+DIFFUSERS_MODULES = (("diffusers", DIFFUSERS_EXTRA),)
+DIFFUSERS_AND_TRANSFORMERS = (("diffusers", DIFFUSERS_EXTRA), ("transformers", DIFFUSERS_EXTRA))
+
+
+def require_modules(kind: str, modules: tuple[tuple[str, str], ...]) -> None:
+    """Import each module a model kind needs; a ConfigError naming the extra instead of an ImportError."""
+    import importlib
+
+    for name, how in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"model kind {kind!r} needs the {name} package, which is not installed or does not "
+                              f"import ({type(exc).__name__}: {exc}); install it: {how}") from None
 
 
 def fp32(t: torch.Tensor) -> torch.Tensor:

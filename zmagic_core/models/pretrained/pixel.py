@@ -8,7 +8,7 @@ Accepted layouts: a pipeline folder or repo (``unet/`` + ``scheduler/`` subfolde
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,7 +18,8 @@ from zmagic_core.contracts.errors import ConfigError
 from zmagic_core.contracts.options import FilePath, PathOrName
 from zmagic_core.models.pretrained.attention import ATTENTION_POLICIES, attention_context, checkpoint_function
 from zmagic_core.method.predictions import PREDICTION_TYPES, alphas_cumprod_from_config, output_to_eps
-from zmagic_core.models.pretrained.loading import (fp32, load_pretrained, load_checkpoint_into, parse_dtype, read_scheduler_config, resolve_device, resolve_source)
+from zmagic_core.models.pretrained.loading import (DIFFUSERS_MODULES, fp32, load_pretrained, load_checkpoint_into, parse_dtype,
+                                                  read_scheduler_config, require_modules, resolve_device, resolve_source)
 
 DEFAULT_PIXEL_ID = "google/ddpm-ema-celebahq-256"
 
@@ -65,6 +66,7 @@ class DiffusersPixelModel(DiffusionModel):
 
 class DiffusersPixelOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    required_modules: ClassVar[tuple[tuple[str, str], ...]] = DIFFUSERS_MODULES  # checked before anything loads
     id: PathOrName = Field(DEFAULT_PIXEL_ID, description="hub id or local folder (pipeline, flat or bare UNet layout)")
     path: Optional[FilePath] = Field(None, description="local folder; overrides id and must exist")
     subfolder: Optional[str] = Field(None, description="UNet subfolder; default: 'unet' if present, else the root")
@@ -99,6 +101,7 @@ def _pick_subfolder(source, explicit: Optional[str], candidate: str, filename: s
 def build_diffusers_pixel(context: BuildContext, **options) -> DiffusersPixelModel:
     """A diffusers UNet2DModel (pixel space) from a hub id or folder, as an eps-prediction model."""
     opts = DiffusersPixelOptions(**options)
+    require_modules("diffusers-pixel", DiffusersPixelOptions.required_modules)
     source = resolve_source(opts.id, opts.path, opts.revision, opts.local_files_only)  # fails before heavy imports
     from diffusers import UNet2DModel
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,9 @@ from zmagic_core.contracts.options import FilePath, PathOrName
 from zmagic_core.method.guidance import Condition, rms
 from zmagic_core.models.pretrained.attention import ATTENTION_POLICIES, attention_context, checkpoint_function
 from zmagic_core.method.predictions import PREDICTION_TYPES, alphas_cumprod_from_config, output_to_eps, tweedie_x0
-from zmagic_core.models.pretrained.loading import (fp32, load_pretrained, load_checkpoint_into, parse_dtype, read_scheduler_config, resolve_device, resolve_source)
+from zmagic_core.models.pretrained.loading import (DIFFUSERS_AND_TRANSFORMERS, fp32, load_pretrained, load_checkpoint_into,
+                                                  parse_dtype, read_scheduler_config, require_modules, resolve_device,
+                                                  resolve_source)
 
 DEFAULT_SD_ID = "CompVis/stable-diffusion-v1-4"
 
@@ -185,6 +187,7 @@ def encode_prompt(tokenizer, text_encoder, prompt: str, device: torch.device) ->
 
 class StableDiffusionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    required_modules: ClassVar[tuple[tuple[str, str], ...]] = DIFFUSERS_AND_TRANSFORMERS  # checked before anything loads
     id: PathOrName = Field(DEFAULT_SD_ID, description="hub id or local folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/")
     path: Optional[FilePath] = Field(None, description="local folder; overrides id and must exist")
     revision: Optional[str] = None
@@ -222,6 +225,7 @@ class StableDiffusionOptions(BaseModel):
 def build_stable_diffusion(context: BuildContext, **options) -> StableDiffusionModel:
     """Stable Diffusion (v1.x layout) with the prompt as the first condition."""
     opts = StableDiffusionOptions(**options)
+    require_modules("stable-diffusion", StableDiffusionOptions.required_modules)
     source = resolve_source(opts.id, opts.path, opts.revision, opts.local_files_only)  # fails before heavy imports
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
