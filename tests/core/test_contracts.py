@@ -188,3 +188,36 @@ def test_only_declared_path_options_are_rewritten(tmp_path, monkeypatch):
     reg.register_plugin(PathsPlugin(), "paths")
     recipe = load_recipe(recipe_file, registry=reg)
     assert recipe.conditions[0].options == {"image": str(tmp_path / "recipes" / "ref.png"), "label": "blue"}
+
+
+class NaNEnergy(zmagic_core.Energy):
+    def forward(self, images):
+        return images.mean(dim=(1, 2, 3)) * float("nan")
+
+
+class NaNPlugin:
+    @hookimpl
+    def register_energies(self, register):
+        register("nan-energy", lambda context, **o: NaNEnergy())
+
+
+def test_a_condition_disabled_for_most_of_the_run_is_reported(tmp_path, monkeypatch, capsys):
+    """Nothing is dropped silently: the record counts it, the terminal warns, the exit code is non-zero."""
+    import zmagic_core.plugins.registry as registry_module
+    from zmagic_core.app.cli import main
+
+    reg = Registry(load_entry_points=False)
+    reg.register_plugin(NaNPlugin(), "nan")
+    monkeypatch.setattr(registry_module, "_default", reg)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {kind: shapes, size: 16}\nsolver: {kind: ddpm, steps: 6}\n"
+                      "conditions: [{kind: shapes-attribute, name: red, attribute: color, value: red, scale: 0.25},"
+                      " {kind: nan-energy, name: broken}]\nnum_samples: 2\nprogress: false\n")
+    assert main(["generate", str(recipe), "--out", str(tmp_path / "a")]) == 3
+    err = capsys.readouterr().err
+    assert "condition 'broken' was disabled" in err and "--allow-disabled" in err and "Traceback" not in err
+    record = json.loads((tmp_path / "a" / "record.json").read_text())  # strict JSON: NaN energies became null
+    assert record["problems"]["disabled_most"] == ["broken"]
+    assert record["problems"]["disabled"]["broken"]["sample_steps"] == 12  # 2 samples x 6 steps
+    assert "red" not in record["problems"]["disabled"]
+    assert main(["generate", str(recipe), "--out", str(tmp_path / "b"), "--allow-disabled"]) == 0

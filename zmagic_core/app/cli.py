@@ -84,7 +84,20 @@ def cmd_generate(args) -> int:
     if "shapes" in record.get("evaluation", {}):
         s = record["evaluation"]["shapes"]["summary"]
         print(f"joint satisfaction {s['joint_satisfaction']:.3f}, on-manifold {s['on_manifold']:.3f}")
-    return 1 if record["failed"] else 0
+    problems = record.get("problems") or {}
+    for name, seen in (problems.get("disabled") or {}).items():  # nothing is dropped silently
+        _error(f"condition {name!r} was disabled (non-finite energy or gradient) at {seen['sample_steps']} "
+               f"guided sample-steps ({seen['share']:.0%})", "warning")
+    if problems.get("fallback_sample_steps"):
+        _error(f"the non-finite guidance fallback fired at {problems['fallback_sample_steps']} sample-steps",
+               "warning")
+    if record["failed"]:
+        return 1
+    if problems.get("disabled_most") and not args.allow_disabled:
+        _error(f"condition(s) {', '.join(problems['disabled_most'])} were disabled for most of the run; the samples "
+               f"were not guided by them (rerun with --allow-disabled to accept this)")
+        return 3
+    return 0
 
 
 def cmd_check(args) -> int:
@@ -123,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="output folder (default: the recipe's output, else outputs/<recipe name>)")
     p.add_argument("--set", action="append", metavar="PATH=VALUE", help="override a field, e.g. combiner.c=0.4")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-disabled", action="store_true",
+                   help="exit 0 even when a condition was disabled (non-finite) for most of the run")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("check", help="check a recipe without loading anything: every problem, one per line")

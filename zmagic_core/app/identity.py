@@ -25,6 +25,7 @@ import platform
 from pathlib import Path
 from typing import Any, Optional
 
+from zmagic_core.contracts.errors import InputError
 from zmagic_core.assembly.recipe import recipe_identity
 from zmagic_core.contracts.options import path_fields
 from zmagic_core.files.atomic import sha256_file
@@ -33,13 +34,23 @@ LARGE_FILE = 256 * 2**20
 BATCH_INVARIANT_MODELS = ("shapes",)  # the shapes world: its maths is bitwise independent of the batch
 
 
+MAX_FOLDER_FILES = 10_000  # files in a folder named by a path option (a model folder holds tens)
+
+
 def fingerprint(path: Path) -> Optional[dict]:
     """What identifies the contents of a file or folder (None when nothing exists at ``path``)."""
     path = Path(path)
     if path.is_file():
         return _file_entry(path)
     if path.is_dir():
-        listing = [[p.relative_to(path).as_posix(), _file_entry(p)] for p in sorted(path.rglob("*")) if p.is_file()]
+        files = []
+        for p in path.rglob("*"):  # bounded: a folder option naming "/" must not hash the disk
+            if p.is_file():
+                files.append(p)
+                if len(files) > MAX_FOLDER_FILES:
+                    raise InputError(f"{path} holds more than {MAX_FOLDER_FILES} files: too many to identify a run "
+                                     f"by; name the model's own folder")
+        listing = [[p.relative_to(path).as_posix(), _file_entry(p)] for p in sorted(files)]
         text = json.dumps(listing, sort_keys=True, separators=(",", ":"))
         return {"folder_sha256": hashlib.sha256(text.encode()).hexdigest(), "files": len(listing)}
     return None

@@ -310,6 +310,8 @@ def _aggregate(folder: _Folder, plan, seeds, records, pipeline, errors, elapsed,
         "trace": {r["index"]: r["trace"] for r in records},
         "versions": environment(plan, recipe.device),
         "identity": folder.ident,
+        "notes": list(plan.notes),
+        "problems": guidance_problems([r["trace"] for r in records]),
     }
     if records:
         samples = torch.stack([torch.from_numpy(np.load(_sample_paths(out, r["index"])["npy"], allow_pickle=False))
@@ -331,6 +333,30 @@ def _aggregate(folder: _Folder, plan, seeds, records, pipeline, errors, elapsed,
 
 def _number(value) -> float:
     return float(value) if isinstance(value, (int, float)) and np.isfinite(value) else 0.0
+
+
+DISABLED_MAJORITY = 0.5  # a condition disabled at more than this share of its guided sample-steps fails the run
+
+
+def guidance_problems(traces: list[list[dict]]) -> dict:
+    """How often each condition was disabled (non-finite energy or gradient) and the fallback fired, over the
+    (sample, step) pairs where the condition was guided; ``disabled_most`` lists the conditions disabled at
+    most of them (`zmagic generate` then warns and exits non-zero unless --allow-disabled)."""
+    guided: dict[str, int] = {}
+    disabled: dict[str, int] = {}
+    fallbacks = 0
+    for trace in traces:
+        for rec in trace:
+            for name in rec.get("grad_norm") or {}:
+                guided[name] = guided.get(name, 0) + 1
+            for name in rec.get("disabled") or ():
+                disabled[name] = disabled.get(name, 0) + 1
+                guided.setdefault(name, 0)
+            fallbacks += bool(rec.get("fallback"))
+    share = {n: disabled.get(n, 0) / max(guided[n], disabled.get(n, 0), 1) for n in guided}
+    return {"disabled": {n: {"sample_steps": disabled[n], "share": share[n]} for n in sorted(disabled)},
+            "fallback_sample_steps": fallbacks,
+            "disabled_most": sorted(n for n, s in share.items() if s > DISABLED_MAJORITY)}
 
 
 def _mean_energies(records) -> dict[str, float]:
