@@ -243,15 +243,23 @@ def test_the_package_does_not_import_the_developer_scripts():
 
 # -- cost --------------------------------------------------------------------------------------------
 def test_cost_counts_passes_and_matches_the_floor_structure():
-    rows = [cost.run_case("shapes", c, 2, 32, 2, 1, 1) for c in ("sum", "dependent", "dependent-noH")]
+    cases = ("sum", "dependent", "dependent-noH", "dependent-autograd", "dependent-paper", "cagrad-paper")
+    rows = [cost.run_case("shapes", c, 2, 32, 2, 1, 1) for c in cases]
     passes = {r["combiner"]: r["passes"] for r in rows}
     assert passes["sum"] == {"forward": 1, "backward": 2, "double": 0}
-    # the dependent floor (2, 3, 1) plus g2 at x_t, which the core computes for the trace
-    assert passes["dependent"] == {"forward": 2, "backward": 4, "double": 1}
-    assert passes["dependent-noH"] == {"forward": 2, "backward": 4, "double": 0}
+    # every unbatched case counts exactly its floor: g2 at x_t (only the trace needs it) is not computed,
+    # and the forward-difference product takes no double backward
+    for case in cases:
+        assert passes[case] == cost.floor(case, 2), case
+    assert passes["dependent"] == {"forward": 3, "backward": 3, "double": 0}
+    assert passes["dependent-paper"] == {"forward": 2, "backward": 3, "double": 1}
     three = cost.run_case("shapes", "sum", 3, 32, 2, 1, 1)
     assert three["passes"]["backward"] == 3 and three["seconds_per_step"] > 0
-    assert cost.floor("cagrad", 3) == {"forward": 4, "backward": 15, "double": 6}
+    assert cost.floor("cagrad-paper", 3) == {"forward": 4, "backward": 15, "double": 6}
+    assert cost.floor("cagrad", 3) == {"forward": 10, "backward": 15, "double": 0}
+    # the default CAGrad stacks every x_hat_i in one call and every difference point in another
+    stacked = cost.run_case("shapes", "cagrad", 3, 32, 2, 1, 1)
+    assert stacked["passes"] == {"forward": 3, "backward": 3 + 2 + 1, "double": 0}
 
 
 def test_cost_runs_named_combiners(half_sum):
@@ -260,10 +268,10 @@ def test_cost_runs_named_combiners(half_sum):
     assert cost.cases(["shapes"], [2, 3], combiners, specs) == [
         ("shapes", "sum", 2), ("shapes", "dependent", 2), ("shapes", half_sum, 2),
         ("shapes", "sum", 3), ("shapes", half_sum, 3)]
-    assert cost.cases(["shapes"], [3]) == [("shapes", "sum", 3), ("shapes", "cagrad", 3)]
+    assert cost.cases(["shapes"], [3]) == [("shapes", "sum", 3), ("shapes", "cagrad", 3), ("shapes", "cagrad-paper", 3)]
     half = cost.run_case("shapes", half_sum, 2, 32, 1, 1, 1)
     assert half["passes"] == {"forward": 1, "backward": 2, "double": 0} and HalfSum.calls > 0
-    named = cost.run_case("shapes", "cagrad:c=0.8", 2, 32, 1, 1, 1)
+    named = cost.run_case("shapes", "cagrad:c=0.8:product=autograd:bound=none", 2, 32, 1, 1, 1)
     assert named["passes"] == {"forward": 3, "backward": 6, "double": 2}
 
 
@@ -272,8 +280,8 @@ def test_cost_page_section(tmp_path):
     rows = [cost.run_case("shapes", c, 2, 32, 1, 1, 1) for c in ("sum", "dependent", "cagrad:c=0.8")]
     units = {"shapes": cost.unit_costs("shapes", 32, 1, 1, repeats=1)}
     text = cost.page_section(args, {"argv": ["--models", "shapes"], "wall": 1.0, "version": "9.9"}, rows, units)
-    assert "| dependent | 2 | 2 | 4 | 1 | (2, 3, 1) |" in text
-    assert "| cagrad:c=0.8 | 2 | 3 | 6 | 2 | - |" in text  # no floor for a registry combiner
+    assert "| dependent | 2 | 3 | 3 | 0 | (3, 3, 0) |" in text
+    assert "| cagrad:c=0.8 | 2 | 3 | 4 | 0 | - |" in text  # no floor for a registry combiner
     assert "Command: `zmagic bench cost --models shapes`" in text and "Code: zmagic-core 9.9" in text
     page = tmp_path / "page.md"
     write_section(page, "cost", text)
@@ -287,7 +295,7 @@ def test_cost_replot_rewrites_its_sections_from_the_json(tmp_path):
     out = tmp_path / "report"
     data = out / "benchmarks"
     data.mkdir(parents=True)
-    rows = [cost.run_case("shapes", c, 2, 32, 1, 1, 1) for c in ("sum", "dependent")]
+    rows = [cost.run_case("shapes", c, 2, 32, 1, 1, 1) for c in ("sum", "dependent-paper")]
     meta = {"argv": ["--models", "shapes", "--n", "2", "--out", "docs"], "date": "2030-01-01 00:00 UTC", "wall": 60.0,
             "machine": "a test machine", "version": "9.9",
             "args": {"models": ["shapes"], "n": [2], "batch": 1, "steps": 1, "celebahq_size": 64, "celebahq_steps": 1,
@@ -300,7 +308,7 @@ def test_cost_replot_rewrites_its_sections_from_the_json(tmp_path):
     page = (out / "benchmarks.md").read_text()
     assert "q\n" in page and "Command: `zmagic bench cost --models shapes --n 2 --out docs`" in page
     assert "Machine: a test machine" in page and "Date: 2030-01-01 00:00 UTC; wall time 1.0 min" in page
-    assert "| dependent | 2 | 2 | 4 | 1 | (2, 3, 1) |" in page and "### tiny-unet" not in page
+    assert "| dependent-paper | 2 | 2 | 3 | 1 | (2, 3, 1) |" in page and "### tiny-unet" not in page
     assert "Command: `zmagic bench cost --cvxpy-only`" in page and "| 1 | 1.500 |" in page
     assert page.count(f"by `zmagic bench cost --replot --out {out}` (no new measurement)") == 2
     with pytest.raises(Exception, match="nothing to re-write"):
@@ -334,7 +342,7 @@ def test_docs_quality_section_is_what_replot_writes():
         pytest.skip("not a checkout: no docs/")
     saved = json.loads((docs / "benchmarks" / "quality.json").read_text())
     meta = saved["meta"]
-    assert meta["argv"] == ["--out", "docs"]
+    assert meta["argv"][-2:] == ["--out", "docs"]  # produced with the docs folder as the target
     args = quality.parse([])
     for key in ("samples", "seeds_sets", "steps"):
         setattr(args, key, meta[key])

@@ -39,7 +39,11 @@ def test_generate_writes_everything(recipe_file, tmp_path, capsys):
     trace = record["trace"]["0"]
     assert len(trace) == 12 and trace[0]["t"] > trace[-1]["t"]
     assert set(trace[0]["energy"]) == {"shapes-attribute", "shapes-mask"}
-    assert "shapes-attribute~shapes-mask" in trace[0]["cosine"] and "cos(g1,g2|1)" in trace[0]
+    assert "cos(g1,g2|1)" in trace[0]  # Algorithm 1 ran; g2 at x_t is computed only with trace_cosine
+    assert trace[0]["cosine"] == {}
+    assert main(["generate", str(recipe_file), "--out", str(tmp_path / "cos"), "--set", "combiner.trace_cosine=true"]) == 0
+    traced = json.loads((tmp_path / "cos" / "record.json").read_text())["trace"]["0"]
+    assert "shapes-attribute~shapes-mask" in traced[0]["cosine"] and "cos(g1,g2|1)" in traced[0]
     assert set(record["final_energy"]["1"]) == {"shapes-attribute", "shapes-mask"}
     summary = record["evaluation"]["shapes"]["summary"]
     assert summary["samples"] == 3 and 0 <= summary["joint_satisfaction"] <= 1

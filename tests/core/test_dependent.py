@@ -11,6 +11,10 @@ from zmagic_core.method.schedule import Schedule
 from zmagic_core.method.solvers import DDIMSolver, DDPMSolver
 
 T, T_NEXT = 500, 490
+# The paper's exact update: the vector-Jacobian product by autograd, no bound on the Hessian term.
+# These tests check it against explicit Jacobians and Hessians; test_fast_product.py checks the
+# default (forward-difference product, bounded Hessian term) against it.
+EXACT = dict(product="autograd", bound="none")
 
 
 def make_step(model, solver, conditions, x, z):
@@ -63,7 +67,7 @@ def explicit_ancestral(model, conds, x, z, hessian_term=True):
 def test_dependent_matches_explicit_jacobian_and_hessian(setup):
     model, conds, x, z = setup
     expected, g1, _ = explicit_ancestral(model, conds, x, z)
-    G = DependentCombiner(hessian=True).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0]
+    G = DependentCombiner(hessian=True, **EXACT).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0]
     torch.testing.assert_close(G - g1, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -87,8 +91,8 @@ def test_hessian_is_symmetric_hessian_of_log_likelihood(setup):
 
 def test_no_hessian_option_drops_exactly_the_hessian_term(setup):
     model, conds, x, z = setup
-    full = DependentCombiner(hessian=True).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0]
-    plain = DependentCombiner(hessian=False).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0]
+    full = DependentCombiner(hessian=True, **EXACT).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0]
+    plain = DependentCombiner(hessian=False, **EXACT).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0]
     _, _, h_term = explicit_ancestral(model, conds, x, z)
     assert h_term.norm() > 1e-3 * full.norm()  # the term is not negligible here, so the test can fail
     torch.testing.assert_close(full - plain, h_term, rtol=1e-4, atol=1e-5)
@@ -110,7 +114,7 @@ def test_dependent_ddim_is_jacobian_transpose_product_of_the_step(setup, eta):
     x_hat = phi(x[0]).detach()
     g_tilde = guidance_fn(model, conds[1], T_NEXT, a_n)(x_hat).detach()
     expected = jacobian(phi, x[0]).T @ g_tilde
-    G = DependentCombiner().combine(make_step(model, solver, conds, x, z)).guidance[0]
+    G = DependentCombiner(**EXACT).combine(make_step(model, solver, conds, x, z)).guidance[0]
     torch.testing.assert_close(G - g1(x[0]).detach(), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -123,7 +127,7 @@ def test_level_t_evaluates_second_condition_at_t(setup):
     at_t = guidance_fn(model, conds[1], T, a_t)(x_hat[0].detach()).detach()
     at_next = guidance_fn(model, conds[1], T_NEXT, a_n)(x_hat[0].detach()).detach()
     assert (at_t - at_next).norm() > 1e-4 * at_t.norm()
-    G_t = DependentCombiner(level="t").combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0]
+    G_t = DependentCombiner(level="t", **EXACT).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0]
     beta = 1 - a_t / a_n
     J = jacobian(lambda v: DDPMSolver().step(v[None], model.score(v[None], T) + g1(v)[None], z, a_t, a_n)[0], x[0])
     torch.testing.assert_close(G_t - g1(x[0]).detach(), J.T @ at_t, rtol=1e-4, atol=1e-5)
@@ -133,13 +137,13 @@ def test_level_t_evaluates_second_condition_at_t(setup):
 def test_cagrad_pairs_are_dependent_pairs_in_both_orders(setup):
     model, conds, x, z = setup
     step = make_step(model, DDPMSolver(), conds, x, z)
-    pairs, grads = CAGradCombiner(c=0.0).pair_gradients(step)
+    pairs, grads = CAGradCombiner(c=0.0, **EXACT).pair_gradients(step)
     assert pairs == [(0, 1), (1, 0)]
-    forward = DependentCombiner().combine(make_step(model, DDPMSolver(), conds, x, z)).guidance
-    backward = DependentCombiner().combine(make_step(model, DDPMSolver(), conds[::-1], x, z)).guidance
+    forward = DependentCombiner(**EXACT).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance
+    backward = DependentCombiner(**EXACT).combine(make_step(model, DDPMSolver(), conds[::-1], x, z)).guidance
     torch.testing.assert_close(grads[0], forward, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1], backward, rtol=1e-5, atol=1e-6)
-    mean = CAGradCombiner(c=0.0).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance
+    mean = CAGradCombiner(c=0.0, **EXACT).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance
     torch.testing.assert_close(mean, (forward + backward) / 2, rtol=1e-5, atol=1e-6)
 
 
@@ -159,9 +163,9 @@ def test_cap_bounds_the_conditional_term_and_none_is_the_paper(setup):
     g1 = guidance_fn(model, conds[0], T, a_t)(x[0]).detach()
     x_hat = DDPMSolver().step(x, model.score(x, T) + g1[None], z, a_t, a_n)
     g_tilde = guidance_fn(model, conds[1], T_NEXT, a_n)(x_hat[0].detach()).detach()
-    free = DependentCombiner().combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0] - g1
+    free = DependentCombiner(**EXACT).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0] - g1
     ratio = float(free.norm() / g_tilde.norm())
-    loose = DependentCombiner(cap=2 * ratio).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0] - g1
+    loose = DependentCombiner(cap=2 * ratio, **EXACT).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0] - g1
     torch.testing.assert_close(loose, free)  # a cap above the actual ratio changes nothing
-    tight = DependentCombiner(cap=0.5 * ratio).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0] - g1
+    tight = DependentCombiner(cap=0.5 * ratio, **EXACT).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0] - g1
     torch.testing.assert_close(tight, 0.5 * free, rtol=1e-5, atol=1e-6)  # same direction, half the length

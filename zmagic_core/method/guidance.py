@@ -81,10 +81,19 @@ class Condition:
 
     def guidance(self, ev: "Evaluation", create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(energy per sample, g_i) at the evaluation point; g_i keeps its graph if asked."""
+        energy, g, _ = self.guidance_and_step(ev, create_graph)
+        return energy, g
+
+    def guidance_and_step(self, ev: "Evaluation", create_graph: bool, rho: Optional[torch.Tensor] = None,
+                          retain_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(energy, g_i, rho_i): with ``rho`` given, that step size is used instead of this point's
+        (the finite-difference product holds rho_1 constant, as the maths does)."""
         energy = self.energy(ev.image)
-        (grad,) = torch.autograd.grad(energy.sum(), ev.x, retain_graph=True, create_graph=create_graph)
-        rho = step_size(self.rule, self.scale, ev.abar, ev.eps, grad)
-        return energy.detach(), -rho.view(-1, *([1] * (grad.ndim - 1))) * grad
+        (grad,) = torch.autograd.grad(energy.sum(), ev.x, retain_graph=retain_graph or create_graph,
+                                      create_graph=create_graph)
+        if rho is None:
+            rho = step_size(self.rule, self.scale, ev.abar, ev.eps, grad)
+        return energy.detach(), -rho.view(-1, *([1] * (grad.ndim - 1))) * grad, rho.detach()
 
     def energy_only(self, ev: "Evaluation") -> torch.Tensor:
         with torch.no_grad():
@@ -105,32 +114,120 @@ class Evaluation:
     extras: dict = field(default_factory=dict)  # the model's Prediction.extras at this point
     energies: list[torch.Tensor] = field(default_factory=list)
     grads: list[Optional[torch.Tensor]] = field(default_factory=list)
+    rhos: list[Optional[torch.Tensor]] = field(default_factory=list)  # rho_i per sample (None: the condition's own rule)
+
+    def release(self) -> "Evaluation":
+        """Detach everything from the network's autograd graph, so its memory can go (x stays the leaf)."""
+        self.eps, self.score, self.x0, self.image = (v.detach() for v in (self.eps, self.score, self.x0, self.image))
+        self.extras = {k: v.detach() if torch.is_tensor(v) else v for k, v in self.extras.items()}
+        self.grads = [None if g is None else g.detach() for g in self.grads]
+        return self
+
+
+def _own_rule(cond: "Condition") -> bool:
+    """True for conditions that compute g_i their own way (e.g. the prompt's CFG term): their
+    guidance is called as is, with no step size to hold or report."""
+    return type(cond).guidance is not Condition.guidance
+
+
+def _guidance(cond: "Condition", ev: "Evaluation", create_graph: bool, rho=None, retain_graph: bool = True):
+    if _own_rule(cond):
+        energy, g = cond.guidance(ev, create_graph)
+        return energy, g, None
+    return cond.guidance_and_step(ev, create_graph, rho, retain_graph)
 
 
 def evaluate(model, x: torch.Tensor, t: int, abar: float, conditions: list[Condition],
-             guided: list[bool], create_graph: Union[bool, Sequence[bool]] = False) -> Evaluation:
+             guided: list[bool], create_graph: Union[bool, Sequence[bool]] = False,
+             rhos: Optional[Sequence[Optional[torch.Tensor]]] = None, keep_graph: bool = True) -> Evaluation:
     """One network pass at (x, t); g_i for every condition flagged in ``guided``, energies for all.
 
     ``create_graph`` (one flag, or one per condition) keeps those g_i differentiable in x, for
-    the Hessian term; only the conditions that need it pay for a second derivative.
+    the Hessian term; only the conditions that need it pay for a second derivative.  ``rhos``
+    (one per condition, None for its own rule) holds step sizes fixed.  ``keep_graph=False``
+    releases the network's graph once the g_i are computed (eps, score, x0 and the image are
+    then plain tensors): nothing can be differentiated through this point any more, and its
+    activations do not stay in memory while the combiner evaluates other points.
     """
     single = isinstance(create_graph, bool)
     graphs = [create_graph] * len(conditions) if single else list(create_graph)
+    rhos = list(rhos) if rhos is not None else [None] * len(conditions)
     x = x.detach().requires_grad_(True)
+    last = max([k for k, w in enumerate(guided) if w], default=-1)
     # An unguided pass (every condition outside its window) builds no autograd graph.
     with torch.set_grad_enabled(any(guided)), double_backward_pass(create_graph if single else any(graphs)):
         prediction = model.predict(x, max(t, 0))
         eps = prediction.eps.float()
         image = model.decode(prediction.x0).float()
         ev = Evaluation(x, t, abar, eps, score_from_eps(eps, abar), prediction.x0, image, prediction.extras)
-        for cond, wanted, graph in zip(conditions, guided, graphs):
+        for k, (cond, wanted, graph) in enumerate(zip(conditions, guided, graphs)):
             if wanted:
-                energy, g = cond.guidance(ev, graph)
+                energy, g, rho = _guidance(cond, ev, graph, rhos[k], retain_graph=keep_graph or k < last)
             else:
-                energy, g = cond.energy_only(ev), None
+                energy, g, rho = cond.energy_only(ev), None, None
             ev.energies.append(energy)
             ev.grads.append(g)
-    return ev
+            ev.rhos.append(rho)
+    return ev if keep_graph or any(graphs) else ev.release()
+
+
+def evaluate_points(model, points: Sequence[torch.Tensor], t: int, abar: float,
+                    conditions: Sequence[Sequence[Condition]],
+                    rhos: Optional[Sequence[Sequence[Optional[torch.Tensor]]]] = None,
+                    stack: Optional[int] = None) -> list[Evaluation]:
+    """Several batches of points at one level in one network call (stacked along the batch).
+
+    ``conditions[k]``: the conditions whose g is wanted at ``points[k]`` (in order; may be empty:
+    eps and the score only), ``rhos[k]`` their held step sizes (None: the condition's rule at
+    that point).  The k-th gradient of every point comes from one backward pass through the
+    stacked batch.  Returns one released :class:`Evaluation` per point (no graph, no energies
+    for the other conditions).  Every row is its own sample: stacking changes no sample's maths.
+    ``stack``: at most that many points per network call (memory grows with the stack; None: all).
+    """
+    rhos = rhos if rhos is not None else [[None] * len(c) for c in conditions]
+    if stack is not None and len(points) > stack:
+        out: list[Evaluation] = []
+        for a in range(0, len(points), stack):
+            out += evaluate_points(model, points[a:a + stack], t, abar, conditions[a:a + stack], rhos[a:a + stack])
+        return out
+    sizes = [p.shape[0] for p in points]
+    x = torch.cat([p.detach() for p in points]).requires_grad_(True)
+    rounds = max((len(c) for c in conditions), default=0)
+    differentiated = any(not _own_rule(c) for cs in conditions for c in cs)  # else no backward: no graph needed
+    with torch.set_grad_enabled(differentiated), double_backward_pass(False):
+        prediction = model.predict(x, max(t, 0))
+        eps = prediction.eps.float()
+        image = model.decode(prediction.x0).float()
+        score = score_from_eps(eps, abar)
+        bounds = [0]
+        for n in sizes:
+            bounds.append(bounds[-1] + n)
+        rows = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+        evs = [Evaluation(x[r], t, abar, eps[r], score[r], prediction.x0[r], image[r],
+                          {k: v[r] if torch.is_tensor(v) else v for k, v in prediction.extras.items()})
+               for r in rows]
+        for r in range(rounds):  # the r-th condition of every point: one backward through the stack
+            jobs = [k for k, c in enumerate(conditions) if len(c) > r]
+            plain = [k for k in jobs if not _own_rule(conditions[k][r])]
+            if plain:
+                energies = {k: conditions[k][r].energy(image[rows[k]]) for k in plain}
+                later = any(not _own_rule(c[q]) for c in conditions for q in range(r + 1, len(c)))
+                (grad,) = torch.autograd.grad(sum(e.sum() for e in energies.values()), x, retain_graph=later)
+            for k in jobs:
+                cond, ev = conditions[k][r], evs[k]
+                if k in plain:
+                    g_e = grad[rows[k]]
+                    rho = rhos[k][r] if rhos[k][r] is not None else step_size(cond.rule, cond.scale, abar, ev.eps, g_e)
+                    energy, g = energies[k].detach(), -rho.view(-1, *([1] * (g_e.ndim - 1))) * g_e
+                else:
+                    (energy, g), rho = cond.guidance(ev, False), None
+                ev.energies.append(energy.detach())
+                ev.grads.append(g.detach())
+                ev.rhos.append(None if rho is None else rho.detach())
+    for ev in evs:
+        ev.x = ev.x.detach()
+        ev.release()
+    return evs
 
 
 @dataclass
@@ -152,26 +249,51 @@ class GuidanceStep:
     z: torch.Tensor
     _base: Optional[Evaluation] = None
     _base_graphs: tuple = ()
+    _base_guided: tuple = ()
+    _base_kept: bool = True
 
-    def base(self, create_graph: Union[bool, Sequence[bool]] = False) -> Evaluation:
-        """Every active condition's g_i at x_t; ``create_graph``: one flag or one per condition."""
+    def base(self, create_graph: Union[bool, Sequence[bool]] = False, guided: Optional[Sequence[bool]] = None,
+             keep_graph: Optional[bool] = None) -> Evaluation:
+        """The active conditions' g_i at x_t (cached; a request the cache cannot serve recomputes it).
+
+        ``create_graph``: one flag or one per condition (g_i differentiable in x_t); ``guided``: which
+        g_i to compute (default: all; the others get their energy only and a None gradient);
+        ``keep_graph``: True keeps the network's graph (a VJP through the score follows), False
+        releases it, None (default) accepts either when cached and keeps it when computing.
+        """
         n = len(self.conditions)
-        wanted = tuple([create_graph] * n if isinstance(create_graph, bool) else create_graph)
-        have = self._base_graphs or (False,) * n
-        if self._base is None or any(w and not h for w, h in zip(wanted, have)):
+        graphs = tuple(bool(g) for g in ([create_graph] * n if isinstance(create_graph, bool) else create_graph))
+        have_graphs = self._base_graphs or (False,) * n
+        have = self._base_guided or (False,) * n
+        if guided is None:  # all of them, or whatever the cached evaluation has
+            wanted = have if self._base is not None else (True,) * n
+        else:
+            wanted = tuple(bool(g) for g in guided)
+        wanted = tuple(w or g for w, g in zip(wanted, graphs))
+        stale = (self._base is None or any(w and not h for w, h in zip(graphs, have_graphs))
+                 or any(w and not h for w, h in zip(wanted, have)) or (keep_graph and not self._base_kept))
+        if stale:
+            if self._base is not None:  # never lose what the cached evaluation had
+                wanted = tuple(w or h for w, h in zip(wanted, have))
+            keep = True if keep_graph is None else keep_graph
             self._base = evaluate(self.model, self.x, self.t, self.abar_t, self.conditions,
-                                  [True] * n, create_graph=list(wanted))
-            self._base_graphs = wanted
+                                  list(wanted), create_graph=list(graphs), keep_graph=keep)
+            self._base_graphs, self._base_guided, self._base_kept = graphs, wanted, keep or any(graphs)
         return self._base
+
+    def level(self, level: str) -> tuple[int, float]:
+        """(t, abar) of level ``t`` or ``t_next`` (the final step's t' = -1 falls back to t)."""
+        t, abar = (self.t, self.abar_t) if level == "t" else (self.t_next, self.abar_next)
+        if t < 0:  # the final step reaches abar = 1; the last visited level stands in for it
+            t, abar = self.t, self.abar_t
+        return t, abar
 
     def phi(self, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         """The solver map at this step, with this step's noise z."""
         return self.solver.step(x, score, self.z, self.abar_t, self.abar_next)
 
-    def evaluate(self, x: torch.Tensor, level: str, indices: list[int]) -> Evaluation:
+    def evaluate(self, x: torch.Tensor, level: str, indices: list[int], keep_graph: bool = True) -> Evaluation:
         """Guidance of the conditions ``indices`` at a new point x, at level t or t'."""
-        t, abar = (self.t, self.abar_t) if level == "t" else (self.t_next, self.abar_next)
-        if t < 0:  # the final step reaches abar = 1; the last visited level stands in for it
-            t, abar = self.t, self.abar_t
+        t, abar = self.level(level)
         conds = [self.conditions[i] for i in indices]
-        return evaluate(self.model, x, t, abar, conds, [True] * len(conds))
+        return evaluate(self.model, x, t, abar, conds, [True] * len(conds), keep_graph=keep_graph)

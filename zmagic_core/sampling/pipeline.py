@@ -136,6 +136,8 @@ class Pipeline:
             combined = self.combiner.combine(step)
             ev = step.base()
             guidance = combined.guidance.detach()
+            if not torch.isfinite(guidance).all() and any(g is None for g in ev.grads):
+                ev = step.base(guided=[True] * len(active))  # the fallback needs every g_i at x_t
             guidance, fallback = _finite_or_fallback(guidance, ev.grads)
         else:
             ev = evaluate(self.model, x, t, abar_t, self.conditions, [False] * len(self.conditions))
@@ -156,7 +158,7 @@ class Pipeline:
                 for c in self.conditions:
                     if c.name not in energies:
                         energies[c.name] = c.energy_only(ev)
-        names = [c.name for c in active]
+        names = [c.name for c in active if grads.get(c.name) is not None]  # a combiner may skip some g_i at x_t
         cos = {f"{a}~{b}": cosine(grads[a], grads[b]) for k, a in enumerate(names) for b in names[k + 1:]}
         extra = {}
         if combined is not None:

@@ -45,7 +45,20 @@ from zmagic_core.app.bench.report import (add_out_argument, code, command, layou
                                           version, write_section)
 from zmagic_core.contracts.errors import InputError
 
-COMBINERS = ("sum", "dependent", "dependent-noH", "cagrad")
+COMBINERS = ("sum", "dependent", "dependent-noH", "dependent-autograd", "dependent-paper", "cagrad", "cagrad-paper")
+CASE_HELP = {
+    "sum": "G = sum_i g_i",
+    "dependent": "Algorithm 1 at its defaults: J_Phi g_tilde by a forward difference (no double backward), "
+                 "Hessian term bounded, g2 at x_t not computed (no trace cosine)",
+    "dependent-noH": "the same without the Hessian term (the difference point needs a forward pass only)",
+    "dependent-autograd": "exact vector-Jacobian product (double backward) with the same bound: the product "
+                          "split in two so the bound can act on the Hessian term (one more backward)",
+    "dependent-paper": "the paper's exact update: one VJP through the step map (double backward), no bound",
+    "cagrad": "Algorithm 2 at its defaults (c = 0.5): forward-difference products, x_hat_i of every first "
+              "condition in one stacked network call, every pair's difference point in another",
+    "cagrad-paper": "Algorithm 2 as in the paper (c = 0.5): exact VJPs (one batched VJP per first condition), "
+                    "no bound, no rescaling",
+}
 MODELS = ("shapes", "tiny-unet", "celebahq-unet")
 CELEBAHQ_UNET = dict(  # google/ddpm-ema-celebahq-256 unet config, random weights
     in_channels=3, out_channels=3, layers_per_block=2,
@@ -184,9 +197,12 @@ def make_combiner(name: str):
     """The built-in cases by their labels; any other label is a registry combiner (``name[:key=value...]``)."""
     from zmagic_core.method.combiners import CAGradCombiner, DependentCombiner, SumCombiner
 
-    builtin = {"sum": lambda: SumCombiner(), "dependent": lambda: DependentCombiner(hessian=True),
+    builtin = {"sum": lambda: SumCombiner(), "dependent": lambda: DependentCombiner(),
                "dependent-noH": lambda: DependentCombiner(hessian=False),
-               "cagrad": lambda: CAGradCombiner(c=0.5)}
+               "dependent-autograd": lambda: DependentCombiner(product="autograd"),
+               "dependent-paper": lambda: DependentCombiner(product="autograd", bound="none"),
+               "cagrad": lambda: CAGradCombiner(c=0.5),
+               "cagrad-paper": lambda: CAGradCombiner(c=0.5, product="autograd", bound="none", rescale="none")}
     if name in builtin:
         return builtin[name]()
     (spec,) = parse_combiners(name)
@@ -277,12 +293,20 @@ def unit_costs(model_name: str, size: int, batch: int, threads: int, repeats: in
 def floor(combiner: str, n: int) -> dict:
     """The fewest network passes per step the maths needs (one pass = one sample batch, one
     cotangent; the counts of batched VJPs are given separately)."""
+    m = n * (n - 1)
     if combiner == "sum":  # one forward at x_t serves every g_i; n VJPs (adaptive rho_i needs each |grad E_i|)
         return {"forward": 1, "backward": n, "double": 0}
-    if combiner in ("dependent", "dependent-noH"):  # g1; g_tilde at x_hat (1 F + 1 B); the VJP through Phi
-        return {"forward": 2, "backward": 3, "double": 1 if combiner == "dependent" else 0}
-    if combiner == "cagrad":  # n g_i; x_hat_i per first condition: n F, n(n-1) g_tilde; n(n-1) VJPs
-        m = n * (n - 1)
+    if combiner == "dependent":  # g1 at x_t; g_tilde at x_hat; s and g1 at x + h g_tilde
+        return {"forward": 3, "backward": 3, "double": 0}
+    if combiner == "dependent-noH":  # the difference point needs s only
+        return {"forward": 3, "backward": 2, "double": 0}
+    if combiner == "dependent-paper":  # g1 (graph kept); g_tilde at x_hat (1 F + 1 B); one VJP through Phi (B + D)
+        return {"forward": 2, "backward": 3, "double": 1}
+    if combiner == "dependent-autograd":  # the VJP split: through s (B) and through g1 (D, which re-traverses the net: B)
+        return {"forward": 2, "backward": 4, "double": 1}
+    if combiner == "cagrad":  # n g_i; n x_hat_i (n F, m g_tilde); m difference points (m F, m B)
+        return {"forward": 1 + n + m, "backward": n + 2 * m, "double": 0}
+    if combiner == "cagrad-paper":  # n g_i (graph kept); x_hat_i per first condition: n F, m g_tilde; m VJPs
         return {"forward": 1 + n, "backward": n + 2 * m, "double": m}
     raise ValueError(combiner)
 
@@ -386,15 +410,26 @@ def page_section(args, meta: dict, rows, units) -> str:
         "",
         "- sum: 1 forward at x_t serves every g_i; n backward passes (each g_i is its own VJP because the adaptive "
         "rho_i needs |grad E_i|; with the fixed rule one VJP of sum_i rho_i E_i would do). Floor (1, n, 0).",
-        "- dependent (n = 2): 1 forward at x_t kept with its graph; 1 backward for g1 (create_graph); x_hat = "
-        "Phi(x_t, s + g1, z) is free; 1 forward + 1 backward for g_tilde at x_hat; the VJP <Phi, g_tilde> is 1 "
-        "backward through the network (J_s^T g_tilde) plus, with the Hessian term, 1 double backward (H_1 g_tilde "
-        "traverses g1's backward graph). Floor (2, 3, 1); without the Hessian (2, 3, 0). g2 at x_t is not needed "
-        "for G (the core computes it for the trace's cos(g1, g2): +1 backward).",
-        "- cagrad (n conditions, m = n(n-1) ordered pairs): 1 forward at x_t, n backward for the g_i (with graph); "
-        "pairs with the same first condition share x_hat_i: n forwards, and n-1 g_tilde_j backward passes at each; "
-        "one VJP per pair (m backward + m double backward). Floor (1 + n, n + 2m, m); batched VJPs bring the "
-        "backward *calls* down to n + n + n = 3n (one batched g_tilde call and one batched VJP per first condition).",
+        "- dependent (n = 2), the default (forward-difference product): 1 forward + 1 backward at x_t for g1 (g2 "
+        "there is not needed for G, and is not computed unless the trace asks for it); x_hat = Phi(x_t, s + g1, z) "
+        "is free; 1 forward + 1 backward for g_tilde at x_hat; 1 forward + 1 backward at x_t + h g_tilde (s, and g1 "
+        "with rho_1 held) for the difference. Floor (3, 3, 0), no double backward; without the Hessian term the "
+        "difference point needs its forward only: (3, 2, 0).",
+        "- dependent-paper (the exact update): 1 forward at x_t kept with its graph; 1 backward for g1 "
+        "(create_graph); 1 forward + 1 backward for g_tilde; the VJP <Phi, g_tilde> is 1 backward through the "
+        "network (J_s^T g_tilde) plus 1 double backward (H_1 g_tilde traverses g1's backward graph). Floor (2, 3, 1). "
+        "dependent-autograd (exact product with the bound) splits that VJP so the bound can act on the Hessian "
+        "term alone: one more backward, (2, 4, 1).",
+        "- cagrad (n conditions, m = n(n-1) ordered pairs), the default (difference products): 1 forward + n "
+        "backward at x_t; n forwards at the x_hat_i and m g_tilde backward passes there; m difference points "
+        "(m forwards, m backward passes): (1 + n + m, n + 2m, 0) in passes, but every x_hat_i goes through one "
+        "stacked call (n - 1 backward calls over the stack) and every difference point through another (1 forward, "
+        "1 backward), so the counted calls are (3, 2n, 0). cagrad-paper: 1 forward at x_t, n backward for the g_i "
+        "(with graph); n forwards at the x_hat_i, m g_tilde backward passes; one VJP per pair (m backward + m double "
+        "backward): (1 + n, n + 2m, m); batched VJPs (one `is_grads_batched` call per first condition) bring its "
+        "counted calls below that.",
+        "",
+        "Cases: " + "; ".join(f"**{k}**: {v}" for k, v in CASE_HELP.items()) + ".",
         "",
         "Predicted time ratio at the floor: passes priced with the measured unit costs of the bare network "
         "(forward f, backward b = (forward+backward) - f, double d = (forward+backward+double) - (forward+backward)), "

@@ -56,9 +56,10 @@ from zmagic_core.method.solvers import DDIMSolver, DDPMSolver
 BANDS = ((1000, 700), (700, 400), (400, 100), (100, -1))  # t in [hi, lo): "t in [1000,700)", ..., "[100,0]"
 BAND_NAMES = ("[1000,700)", "[700,400)", "[400,100)", "[100,0]")
 
-TWO_CONDITION_METHODS = ["none", "sum", "dep 1>2", "dep 2>1", "dep-noH 1>2", "dep-noH 2>1",
-                         "cagrad c=0", "cagrad c=0.5", "oracle"]
-ALL_METHODS = TWO_CONDITION_METHODS[:-1] + ["cagrad c=0.8", "oracle"]  # the headline scenario only
+TWO_CONDITION_METHODS = ["none", "sum", "dep 1>2", "dep 2>1", "dep-noH 1>2", "dep-noH 2>1", "dep 1>2 autograd",
+                         "dep 1>2 paper", "cagrad c=0", "cagrad c=0.5", "oracle"]
+# the headline scenario only: CAGrad's exact modes and c = 0.8
+ALL_METHODS = TWO_CONDITION_METHODS[:-1] + ["cagrad c=0.5 autograd", "cagrad c=0.5 paper", "cagrad c=0.8", "oracle"]
 
 # -- scenarios -----------------------------------------------------------------------------------
 # (name, kind, options); kinds: attribute (attribute, value), mask / keypoints / style (reference)
@@ -85,12 +86,13 @@ SCENARIOS = [
      "conditions": [("red", "attribute", {"attribute": "color", "value": "red"}),
                     ("mask", "mask", {"reference": "red circle center"})],
      "why": "the first scenario under deterministic DDIM (eta = 0) instead of ancestral sampling",
-     "methods": ["none", "sum", "dep 1>2", "dep-noH 1>2", "cagrad c=0.5", "oracle"]},
+     "methods": ["none", "sum", "dep 1>2", "dep-noH 1>2", "dep 1>2 autograd", "dep 1>2 paper", "cagrad c=0.5",
+                 "cagrad c=0.5 paper", "oracle"]},
     {"name": "3 conditions", "conditions": [("circle", "attribute", {"attribute": "shape", "value": "circle"}),
                                              ("style", "style", {"reference": "blue circle center"}),
                                              ("kp", "keypoints", {"reference": "blue circle top"})],
      "why": "shape classifier + colour/area style + position keypoint: blue or yellow circles at the top",
-     "methods": ["none", "sum", "cagrad c=0.5", "oracle"]},
+     "methods": ["none", "sum", "cagrad c=0.5", "cagrad c=0.5 autograd", "cagrad c=0.5 paper", "oracle"]},
     {"name": "4 conditions", "conditions": [("green", "attribute", {"attribute": "color", "value": "green"}),
                                              ("triangle", "attribute", {"attribute": "shape", "value": "triangle"}),
                                              ("mask", "mask", {"reference": "green triangle bottom"}),
@@ -110,16 +112,37 @@ TUNING = [
 ]
 SWEEP_SCALES = (0.1, 0.25, 0.5, 1.0)
 SWEEP_METHODS = ("sum", "dep 1>2")
+# the defaults of the conditional term (the bound on the Hessian term, CAGrad's rescaling) are chosen on
+# these: the tuning scenarios plus a held-out DDIM one
+DEFAULTS_TUNING = TUNING + [
+    {"name": "tune attr+style 2", "conditions": [("circle", "attribute", {"attribute": "shape", "value": "circle"}),
+                                                  ("style", "style", {"reference": "red circle left"})]},
+    {"name": "tune attr+mask (DDIM)", "solver": "ddim",
+     "conditions": [("yellow", "attribute", {"attribute": "color", "value": "yellow"}),
+                    ("mask", "mask", {"reference": "yellow triangle right"})]},
+    {"name": "tune 3 conditions", "conditions": [("square", "attribute", {"attribute": "shape", "value": "square"}),
+                                                  ("style", "style", {"reference": "yellow square center"}),
+                                                  ("kp", "keypoints", {"reference": "yellow square bottom"})]},
+]
+BOUND_SWEEP = (0.25, 1.0, 4.0, "none")
+DERIVED_BOUND = 1.0  # what the no-overshoot argument gives (docs/method.md); ties in the sweep go to it
+BOUND_METHODS = ("dep 1>2", "dep 2>1", "cagrad c=0.5")
+RESCALE_SWEEP = ("none", "1/(1+c^2)", "1/(1+c)")
 
 METHOD_HELP = {
     "none": "no guidance (unconditional samples)",
     "sum": "G = sum_i g_i",
-    "dep 1>2": "dependent (Algorithm 1), order (c1, c2), Hessian term on",
-    "dep 2>1": "dependent, order (c2, c1)",
+    "dep 1>2": "dependent (Algorithm 1) at its defaults, order (c1, c2): Hessian term on, J_Phi g_tilde by a forward "
+               "difference, Hessian term bounded (docs/method.md)",
+    "dep 2>1": "the same, order (c2, c1)",
     "dep-noH 1>2": "dependent without the Hessian term (g1 detached in x_hat)",
     "dep-noH 2>1": "the same, order (c2, c1)",
-    "cagrad c=0": "CAGrad over all ordered pairs, c = 0 (mean of the pair gradients)",
+    "dep 1>2 autograd": "dependent with the exact vector-Jacobian product (double backward), same bound",
+    "dep 1>2 paper": "the paper's exact update: exact product, no bound (product=autograd, bound=none)",
+    "cagrad c=0": "CAGrad over all ordered pairs at its defaults, c = 0 (mean of the pair gradients)",
     "cagrad c=0.5": "CAGrad, c = 0.5",
+    "cagrad c=0.5 autograd": "CAGrad, c = 0.5, exact products, same bound and rescaling",
+    "cagrad c=0.5 paper": "CAGrad, c = 0.5 as in the paper: exact products, no bound, no rescaling",
     "cagrad c=0.8": "CAGrad, c = 0.8",
     "oracle": "exact conditional model (mixture reweighted by prod_i p(c_i|k)), no guidance",
 }
@@ -137,14 +160,27 @@ def build_energy(world: ShapesModel, kind: str, options: dict):
     raise ValueError(kind)
 
 
-def make_combiner(method: str) -> Combiner:
+def make_combiner(method: str, **options) -> Combiner:
+    """The built-in labels: 'sum', 'dep[-noH] 1>2|2>1 [autograd|paper]', 'cagrad c=X [autograd|paper]'."""
     if method in ("none", "oracle", "sum"):
         return SumCombiner()
+    words = method.split()
+    if words[-1] == "autograd":
+        options = {"product": "autograd", **options}
+    elif words[-1] == "paper":
+        options = {"product": "autograd", "bound": "none", **options}
+        if method.startswith("cagrad"):
+            options.setdefault("rescale", "none")
     if method.startswith("dep"):
-        return DependentCombiner(hessian=not method.startswith("dep-noH"))
+        return DependentCombiner(hessian=not method.startswith("dep-noH"), **options)
     if method.startswith("cagrad c="):
-        return CAGradCombiner(c=float(method.split("=", 1)[1]))
+        return CAGradCombiner(c=float(words[1].split("=", 1)[1]), **options)
     raise ValueError(f"unknown method {method!r}")
+
+
+def method_order(method: str, n: int) -> list[int]:
+    """The conditions' order for a built-in label ('... 2>1' reverses a pair)."""
+    return [1, 0] if method.startswith("dep") and "2>1" in method.split() and n == 2 else list(range(n))
 
 
 def band_of(t: int) -> int:
@@ -184,17 +220,17 @@ class Recorder(Combiner):
 
 
 def run_method(world: ShapesModel, scenario: dict, method: str, seeds: list[int], scale: float, steps: int,
-               batch_size: int, combiner: Optional[Callable[[], Combiner]] = None) -> dict:
+               batch_size: int, combiner: Optional[Callable[[], Combiner]] = None,
+               order: Optional[list[int]] = None) -> dict:
     """One method on one scenario for one seed set; every figure from this run.  ``method`` is the
-    label; ``combiner`` builds its combiner (default: ``make_combiner(method)``, the built-in labels)."""
+    label; ``combiner`` builds its combiner (default: ``make_combiner(method)``, the built-in labels);
+    ``order``: the conditions' order (default: the built-in label's, else the scenario's)."""
     energies = [build_energy(world, kind, opts) for _, kind, opts in scenario["conditions"]]
     names = [name for name, _, _ in scenario["conditions"]]
     joint = world.conditioned(target_log_weights(world, energies))
     singles = [world.conditioned(target_log_weights(world, [e])) for e in energies]
-    if combiner is None and method.startswith("dep") and method.endswith("2>1"):
-        order = [1, 0]
-    else:
-        order = list(range(len(energies)))
+    if order is None:
+        order = method_order(method, len(energies)) if combiner is None else list(range(len(energies)))
     guided = method not in ("none", "oracle")
     conditions = [Condition(names[i], energies[i], "adaptive", scale, start=(10**6 if guided else -1)) for i in order]
     recorder = Recorder(combiner() if combiner is not None else make_combiner(method), world, joint, singles)
@@ -205,6 +241,7 @@ def run_method(world: ShapesModel, scenario: dict, method: str, seeds: list[int]
     energy_values: list[list[list[float]]] = [[[] for _ in range(steps)] for _ in names]  # [cond][step][sample]
     cond_cos: dict[str, np.ndarray] = {}
     cond_cos_n = np.zeros(steps)
+    events = {"fallback": 0, "bounded": 0}  # sample-steps where the pipeline fell back / the bound cut the Hessian term
 
     def callback(info):
         i, x = info["step"], info["x"]
@@ -218,6 +255,8 @@ def run_method(world: ShapesModel, scenario: dict, method: str, seeds: list[int]
             for k, e in enumerate(energies):
                 energy_values[k][i].extend(e(x0).tolist())
         for rec in info["record"]:
+            events["fallback"] += "fallback" in rec
+            events["bounded"] += rec.get("bounded", 0) > 0
             items = dict(rec.get("cosine", {}))
             if "cos(g1,g2|1)" in rec:
                 items["g1~g2|1"] = rec["cos(g1,g2|1)"]
@@ -250,6 +289,8 @@ def run_method(world: ShapesModel, scenario: dict, method: str, seeds: list[int]
         "joint": summary["joint_satisfaction"], "joint_on_manifold": good,
         "satisfaction": summary["satisfaction"], "final_energy": finite_energy, "final_energy_nonfinite": nonfinite_energy,
         "on_manifold": summary["on_manifold"], "coverage": summary["coverage"], "tv": summary["tv_to_target"],
+        "tv_all": summary["tv_distance"], "tv_floor": summary["tv_floor"], "finite_samples": summary["finite"],
+        "fallbacks": events["fallback"], "bounded_steps": events["bounded"],
         "satisfying_prototypes": summary["satisfying_prototypes"],
         "cos_exact_band": [float(torch.cat(b).nanmean()) if b else float("nan") for b in band_cos],
         "cos_dependence_band": [float(torch.cat(b).nanmean()) if b else float("nan") for b in band_dep],
@@ -307,7 +348,9 @@ def fmt(values, digits: int = 2, spread: bool = True) -> str:
 # -- sweep ---------------------------------------------------------------------------------------
 def sweep(world, samples: int, steps: int, batch_size: int, log) -> tuple[float, list[dict]]:
     """Adaptive scale chosen on the tuning scenarios: the highest mean rate of samples that are both
-    jointly satisfying and on the manifold, over the tuning scenarios and SWEEP_METHODS."""
+    jointly satisfying and on the manifold, over the tuning scenarios and SWEEP_METHODS.  (Not the
+    TV distance: with the sweep's few samples per run, TV differences between scales are within its
+    sampling noise; the TV is recorded beside it.)"""
     rows = []
     seeds = list(range(90_000, 90_000 + samples))
     for scale in SWEEP_SCALES:
@@ -315,12 +358,79 @@ def sweep(world, samples: int, steps: int, batch_size: int, log) -> tuple[float,
             for method in SWEEP_METHODS:
                 r = run_method(world, sc, method, seeds, scale, steps, batch_size)
                 rows.append({"scale": scale, "scenario": sc["name"], "method": method, "joint": r["joint"],
-                             "on_manifold": r["on_manifold"], "good": r["joint_on_manifold"]})
-                log(f"sweep scale {scale} {sc['name']} {method}: joint {r['joint']:.3f} "
+                             "on_manifold": r["on_manifold"], "good": r["joint_on_manifold"], "tv_all": r["tv_all"]})
+                log(f"sweep scale {scale} {sc['name']} {method}: TV {r['tv_all']:.3f} joint {r['joint']:.3f} "
                     f"on-manifold {r['on_manifold']:.3f} ({r['cpu_seconds']:.1f} s cpu)")
     score = {s: np.mean([r["good"] for r in rows if r["scale"] == s]) for s in SWEEP_SCALES}
     best = max(SWEEP_SCALES, key=lambda s: (score[s], -s))
     return best, rows
+
+
+def _healthy(r: dict) -> bool:
+    """No fallback fired, every sample finite and on the manifold."""
+    return r["fallbacks"] == 0 and r["nonfinite_steps"] == 0 and r["on_manifold"] == 1.0
+
+
+def stress_scale(scale: float) -> float:
+    """The next larger swept scale (a notch above the tuned one), or twice the scale past the list."""
+    return next((s for s in SWEEP_SCALES if s > scale), 2 * scale)
+
+
+def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: float, log) -> dict:
+    """The bound on the Hessian term (dependent and CAGrad), then CAGrad's rescaling, on DEFAULTS_TUNING,
+    each at the chosen scale and one notch above it (:func:`stress_scale`): a default must also hold
+    when a user turns the step size up, and at the tuned scale alone nothing fails, so health could
+    not tell the options apart.
+
+    Rule for each: the values with the fewest unhealthy runs over both scales (a healthy run: no fallback,
+    every sample finite and on the manifold); among them those within 0.01 of the lowest mean TV distance
+    (over both scales) count as tied (that is within the sampling noise), and ties go to the derivation's
+    value (bound 1; no rescaling)."""
+    seeds = list(range(80_000, 80_000 + samples))
+    scales = [scale, stress_scale(scale)]
+    out: dict = {"bound_rows": [], "rescale_rows": [], "scales": scales}
+
+    def pick(rows, key, values):
+        stats = {v: (sum(not r["healthy"] for r in rows if r[key] == v),
+                     float(np.mean([r["tv_all"] for r in rows if r[key] == v]))) for v in values}
+        fewest = min(u for u, _ in stats.values())
+        best_tv = min(tv for u, tv in stats.values() if u == fewest)
+        tied = [v for v in values if stats[v][0] == fewest and stats[v][1] <= best_tv + 0.01]
+
+        def distance(v):  # from the derivation's value
+            if key == "bound":
+                return math.inf if v == "none" else abs(math.log(float(v) / DERIVED_BOUND))
+            return RESCALE_SWEEP.index(v)
+        return min(tied, key=distance)
+
+    def record(rows, key, value, sc, method, r, at):
+        rows.append({key: value, "scale": at, "scenario": sc["name"], "method": method, "tv_all": r["tv_all"],
+                     "joint": r["joint"], "on_manifold": r["on_manifold"], "fallbacks": r["fallbacks"],
+                     "nonfinite": r["nonfinite_steps"], "bounded": r["bounded_steps"], "healthy": _healthy(r)})
+        log(f"defaults sweep scale {at} {key} {value} {sc['name']} {method}: TV {r['tv_all']:.3f} joint "
+            f"{r['joint']:.3f} on-manifold {r['on_manifold']:.3f} fallbacks {r['fallbacks']} bounded "
+            f"{r['bounded_steps']} ({r['cpu_seconds']:.1f} s cpu)")
+
+    for at in scales:
+        for bound in BOUND_SWEEP:
+            for sc in DEFAULTS_TUNING:
+                for method in BOUND_METHODS:
+                    if method.startswith("dep") and len(sc["conditions"]) != 2:
+                        continue
+                    extra = {"rescale": "none"} if method.startswith("cagrad") else {}
+                    r = run_method(world, sc, method, seeds, at, steps, batch_size,
+                                   lambda m=method, b=bound, e=extra: make_combiner(m, bound=b, **e),
+                                   order=method_order(method, len(sc["conditions"])))
+                    record(out["bound_rows"], "bound", bound, sc, method, r, at)
+    out["bound"] = pick(out["bound_rows"], "bound", BOUND_SWEEP)
+    for at in scales:
+        for rescale in RESCALE_SWEEP:
+            for sc in DEFAULTS_TUNING:
+                r = run_method(world, sc, "cagrad c=0.5", seeds, at, steps, batch_size,
+                               lambda rs=rescale: make_combiner("cagrad c=0.5", bound=out["bound"], rescale=rs))
+                record(out["rescale_rows"], "rescale", rescale, sc, "cagrad c=0.5", r, at)
+    out["rescale"] = pick(out["rescale_rows"], "rescale", RESCALE_SWEEP)
+    return out
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -481,6 +591,56 @@ def slug(name: str) -> str:
 
 
 # -- the page ------------------------------------------------------------------------------------
+def defaults_section(sweep: Optional[dict]) -> list[str]:
+    """The lines of the defaults sweep (the bound on the Hessian term, CAGrad's rescaling), if it ran."""
+    from zmagic_core.method.combiners import DEFAULT_BOUND, CAGradOptions  # the combiners' defaults, to compare
+
+    lines = ["### Bound on the Hessian term and CAGrad's rescaling (chosen on held-out scenarios)", ""]
+    if not sweep:
+        return lines + ["Not swept in this run (it runs with the step-size sweep, i.e. without `--scale`).", ""]
+    tuning = "; ".join(f"{t['name']} ({' + '.join(f'{k} {o}' for _, k, o in t['conditions'])}"
+                       + (", DDIM" if t.get("solver") == "ddim" else "") + ")" for t in DEFAULTS_TUNING)
+    default_rescale = CAGradOptions.model_fields["rescale"].default
+    lines += [
+        f"Held-out scenarios: {tuning}; {sweep.get('samples', '?')} samples per run (seeds 80000..), at the chosen "
+        f"step size and one notch above it (scales {sweep.get('scales', '?')}: a default must still hold when the "
+        "step size is turned up, and at the tuned scale alone no option fails). First the bound on the Hessian term (`bound`, both combiners; CAGrad without rescaling) over "
+        f"{list(BOUND_SWEEP)} with {', '.join(BOUND_METHODS)}; then CAGrad's rescaling over {list(RESCALE_SWEEP)} at "
+        "the chosen bound. Rule for each: the fewest unhealthy runs over both scales (a healthy run: no fallback, "
+        "every sample finite and on the manifold), then the lowest mean TV distance over both, values within 0.01 "
+        "of it counting as "
+        f"tied (sampling noise); ties go to the derivation's value (bound {DERIVED_BOUND}; no rescaling first). "
+        f"Chosen: bound **{sweep['bound']}**, rescale **{sweep['rescale']}**; the combiners' defaults are bound "
+        f"{DEFAULT_BOUND} and rescale {default_rescale}"
+        + (" (the same)." if (str(sweep['bound']) == str(DEFAULT_BOUND) and sweep['rescale'] == default_rescale)
+           else " (NOT the same: re-check the defaults)."),
+        "",
+    ]
+    for key, values, rows in (("bound", BOUND_SWEEP, sweep["bound_rows"]), ("rescale", RESCALE_SWEEP, sweep["rescale_rows"])):
+        columns = list(dict.fromkeys((r["scenario"], r["method"]) for r in rows))
+        lines += [f"| {key} | scale | " + " | ".join(f"{sc} {m}" for sc, m in columns)
+                  + " | mean TV | unhealthy runs |", "|---|---|" + "---|" * (len(columns) + 2)]
+        for v in values:
+            for at in dict.fromkeys(r.get("scale") for r in rows):
+                mine = {(r["scenario"], r["method"]): r for r in rows if r[key] == v and r.get("scale") == at}
+                cells = []
+                for col in columns:
+                    r = mine.get(col)
+                    if r is None:
+                        cells.append("-")
+                        continue
+                    flags = ((f", fb {r['fallbacks']}" if r["fallbacks"] else "")
+                             + (f", bnd {r['bounded']}" if r["bounded"] else ""))
+                    cells.append(f"{r['tv_all']:.2f} (m {r['on_manifold']:.2f}{flags})")
+                lines.append(f"| {v} | {at} | " + " | ".join(cells)
+                             + f" | {np.mean([r['tv_all'] for r in mine.values()]):.3f} | "
+                             f"{sum(not r['healthy'] for r in mine.values())} |")
+        lines.append("")
+    lines += ["Cells: TV distance (m = on-manifold rate, fb = fallback sample-steps, bnd = sample-steps where the "
+              "bound was active; under DDIM (eta = 0) the trust region is 0 and every step counts).", ""]
+    return lines
+
+
 def page_section(args, meta: dict, scale, sweep_rows, results, scenarios, figures) -> str:
     """The page's ``quality`` section; ``meta``: the run's record in quality.json (argv, machine, date,
     wall, version, and with --combiners the labels, their descriptions and the scenarios skipped)."""
@@ -509,21 +669,31 @@ def page_section(args, meta: dict, scale, sweep_rows, results, scenarios, figure
         ]
     else:
         lines += [
-            "Reduced to fit a 2-core CPU (the full default took 14 to 35 minutes there, depending on the load from other jobs): CAGrad with c = 0.8 runs "
-            "only on the first scenario; the DDIM scenario runs one order of the dependent combiner and one CAGrad; "
-            "the 3-condition set runs sum and CAGrad c = 0.5, the 4-condition set sum and CAGrad c = 0 (12 pair "
-            "gradients per step); the dependent combiner takes exactly two conditions, so it is absent there."
+            "Reduced to fit a 2-core CPU: CAGrad with c = 0.8 and CAGrad's exact modes run only on the first "
+            "scenario (and the exact ones on the 3-condition set); the DDIM scenario runs one order of the dependent "
+            "combiner and one CAGrad; the 3-condition set runs sum and CAGrad c = 0.5, the 4-condition set sum and "
+            "CAGrad c = 0 (12 pair gradients per step); the dependent combiner takes exactly two conditions, so it "
+            "is absent there. Every combiner runs at its defaults unless its label says otherwise (`autograd`: the "
+            "exact product; `paper`: the paper's exact update, no bound)."
             + (f" The sweep uses {meta.get('sweep_samples', 32)} samples per run and one seed set." if sweep_rows else ""),
             "",
         ]
     lines += [
-        "Metrics (zmagic_core.models.shapes.evaluate): *joint* = rate of samples whose nearest prototype satisfies every "
+        "Metrics (zmagic_core.models.shapes.evaluate): **TV** (the headline) = total variation distance between the "
+        "histogram of the prototypes the samples land on (nearest prototype of every sample, all K prototypes; a "
+        "non-finite sample lands nowhere) and the exact conditional p(k | c_1..c_n) over all K (`tv_distance`); 0 is "
+        "an exact sampler with infinitely many samples, and with finitely many even the exact sampler is above 0: "
+        "the oracle's own TV is the floor (its sampling noise; each scenario also gives the expected TV of an exact "
+        "sampler with that many samples). *joint* = rate of samples whose nearest prototype satisfies every "
         "condition (p(c_i|k) >= half the best); *joint & on-manifold* = the same and within 2 sigma0 RMS of that prototype; "
-        "*E(c)* = mean final energy of the condition on x0 (over the samples where it is finite; the others are counted); *on-man.* = on-manifold rate; *coverage* = share of the "
-        "satisfying prototypes hit; *TV* = total variation between the satisfying samples' prototype histogram and "
-        "the exact conditional (uniform over the satisfying prototypes); *cos exact* = cosine between the method's "
+        "*E(c)* = mean final energy of the condition on x0 (over the samples where it is finite; the others are counted); "
+        "*on-man.* = on-manifold rate; *coverage* = share of the "
+        "satisfying prototypes hit; *TV sat.* = total variation between the satisfying samples' prototype histogram and "
+        "the exact conditional restricted to the satisfying prototypes; *cos exact* = cosine between the method's "
         "combined guidance G and the exact grad log p(c_1..c_n | x_t) = s_cond(x_t) - s(x_t), per band of t, averaged "
-        "over samples and steps in the band; *dependence* = cosine between the exact joint gradient and the sum of "
+        "over samples and steps in the band; *fallback* = sample-steps where G was not finite and the pipeline's "
+        "last line of defence replaced it (sum of the finite g_i); *bounded* = sample-steps where the bound on the "
+        "Hessian term was active; *dependence* = cosine between the exact joint gradient and the sum of "
         "the exact single-condition gradients along that method's trajectory (1 = the sum rule is exact there).",
         "",
         "### Step size (chosen on held-out scenarios)",
@@ -535,18 +705,21 @@ def page_section(args, meta: dict, scale, sweep_rows, results, scenarios, figure
             f"method. Swept over {list(SWEEP_SCALES)} with {', '.join(SWEEP_METHODS)} on tuning scenarios that are "
             "not reported below: " + "; ".join(
                 f"{t['name']} ({' + '.join(f'{k} {o}' for _, k, o in t['conditions'])})" for t in TUNING)
-            + f". Rule: the scale with the highest mean 'joint & on-manifold' rate over those runs. Chosen: **{scale}**.",
+            + f". Rule: the scale with the highest mean 'joint & on-manifold' rate over those runs (the TV of so "
+            f"few samples per run is dominated by its sampling noise; it is shown beside). Chosen: **{scale}**.",
             "",
             "| scale | " + " | ".join(f"{t['name']} {m}" for t in TUNING for m in SWEEP_METHODS) + " | mean |",
             "|---|" + "---|" * (len(TUNING) * len(SWEEP_METHODS) + 1),
         ]
         for s in SWEEP_SCALES:
             row = [r for r in sweep_rows if r["scale"] == s]
-            cells = [f"{r['good']:.2f} (j {r['joint']:.2f}, m {r['on_manifold']:.2f})" for r in row]
+            cells = [f"{r['good']:.2f} (j {r['joint']:.2f}, m {r['on_manifold']:.2f}"
+                     + (f", TV {r['tv_all']:.2f})" if "tv_all" in r else ")") for r in row]
             lines.append(f"| {s} | " + " | ".join(cells) + f" | {np.mean([r['good'] for r in row]):.3f} |")
-        lines += ["", "Cells: joint & on-manifold rate (j = joint satisfaction, m = on-manifold rate).", ""]
+        lines += ["", "Cells: joint & on-manifold rate (j = joint satisfaction, m = on-manifold rate, TV = TV distance).", ""]
     else:
         lines += [f"Given on the command line: adaptive rule, scale {scale} for every condition and method (no sweep).", ""]
+    lines += defaults_section(meta.get("defaults_sweep"))
     ran = list(dict.fromkeys(m for methods in results.values() for m in methods))
     helps = {**METHOD_HELP, **meta.get("method_help", {})}
     lines += ["### Methods", ""] + [f"- `{m}`: {helps.get(m, 'not described')}" for m in ran] + [""]
@@ -565,13 +738,21 @@ def page_section(args, meta: dict, scale, sweep_rows, results, scenarios, figure
             f"{first['target_joint']:.3f}. Why: {sc['why']}."
             + "".join(f" Not run here: `{m}` ({why})." for m, why in meta.get("skipped", {}).get(sc["name"], {}).items()),
             "",
-            "| method | joint | joint & on-man. | " + " | ".join(f"E({n})" for n in names)
-            + " | on-man. | coverage | TV | " + " | ".join(f"cos exact t{b}" for b in BAND_NAMES)
-            + " | non-finite G | CPU s |",
-            "|---|" + "---|" * (7 + len(names) + len(BANDS)),
+        ]
+        if "oracle" in methods and methods["oracle"][0].get("tv_all") is not None:
+            runs = methods["oracle"]
+            lines += [f"**TV floor**: the oracle's TV {fmt([r['tv_all'] for r in runs], 3)}; the expected TV of an exact "
+                      f"sampler with {len(seed_sets(args.samples, args.seeds_sets)[0])} samples (one seed set) is "
+                      f"{np.mean([r['tv_floor'] for r in runs]):.3f}.", ""]
+        lines += [
+            "| method | **TV** | joint | joint & on-man. | " + " | ".join(f"E({n})" for n in names)
+            + " | on-man. | coverage | TV sat. | " + " | ".join(f"cos exact t{b}" for b in BAND_NAMES)
+            + " | fallback (non-finite G) | bounded | CPU s |",
+            "|---|" + "---|" * (9 + len(names) + len(BANDS)),
         ]
         for method, runs in methods.items():
-            cells = [fmt([r["joint"] for r in runs]), fmt([r["joint_on_manifold"] for r in runs])]
+            cells = [fmt([r.get("tv_all") for r in runs], 3),
+                     fmt([r["joint"] for r in runs]), fmt([r["joint_on_manifold"] for r in runs])]
             for n in names:
                 bad = sum(r.get("final_energy_nonfinite", {}).get(n, 0) for r in runs)
                 cells.append(fmt([r["final_energy"][n] for r in runs], 3, False) + (f" ({bad} non-finite)" if bad else ""))
@@ -582,6 +763,7 @@ def page_section(args, meta: dict, scale, sweep_rows, results, scenarios, figure
             else:
                 cells += [fmt([r["cos_exact_band"][b] for r in runs], 2, False) for b in range(len(BANDS))]
             cells.append(str(sum(r.get("nonfinite_steps", 0) for r in runs)))
+            cells.append(str(sum(r["bounded_steps"] for r in runs)) if "bounded_steps" in runs[0] else "-")
             cells.append(f"{sum(r['cpu_seconds'] for r in runs):.1f}")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         if "sum" in methods:
@@ -614,6 +796,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="a few minutes on 2 CPU cores: 32 samples in 2 seed sets, 50 steps, 16 samples per sweep run")
     p.add_argument("--scale", type=float, default=None, help="adaptive scale for every condition (skips the sweep)")
     p.add_argument("--sweep-samples", type=int, default=None, help="samples per sweep run (default 32; --quick 16)")
+    p.add_argument("--defaults-sweep", action="store_true",
+                   help="run the sweep of the bound on the Hessian term and of CAGrad's rescaling even with --scale "
+                        "(without --scale it always runs)")
+    p.add_argument("--defaults-samples", type=int, default=None,
+                   help="samples per run of that sweep (default 48; --quick 16)")
     p.add_argument("--scenarios", nargs="*", default=None, help="names of the scenarios to run (default all)")
     p.add_argument("--methods", nargs="*", default=None, help="restrict the methods (default: each scenario's list)")
     p.add_argument("--combiners", default=None, metavar="NAME[:K=V...],...",
@@ -629,6 +816,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.seeds_sets = args.seeds_sets or (2 if args.quick else 4)
     args.steps = args.steps or (50 if args.quick else 100)
     args.sweep_samples = args.sweep_samples or (16 if args.quick else 32)
+    args.defaults_samples = args.defaults_samples or (16 if args.quick else 48)
     return args
 
 
@@ -709,6 +897,10 @@ def main(argv: list[str]) -> int:
         log(f"chosen scale {scale}")
     else:
         scale, sweep_rows = args.scale, []
+    if args.scale is None or args.defaults_sweep:
+        defaults = defaults_sweep(world, args.defaults_samples, args.steps, args.batch_size, scale, log)
+        meta["defaults_sweep"] = {"samples": args.defaults_samples, **defaults}
+        log(f"defaults sweep: bound {defaults['bound']}, rescale {defaults['rescale']}")
     sets = seed_sets(args.samples, args.seeds_sets)
     results: dict[str, dict[str, list[dict]]] = {}
     for sc in scenarios:
