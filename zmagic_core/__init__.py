@@ -45,6 +45,8 @@ _PUBLIC = {
     "Pipeline": "sampling.pipeline", "RunResult": "sampling.pipeline",
     "Recipe": "assembly.recipe", "load_recipe": "assembly.build", "check_recipe": "assembly.build",
     "build_pipeline": "assembly.build", "get_registry": "plugins.registry",
+    # scripts: the diffusers-style entry point (from_pretrained / from_pipe, .images)
+    "ZMagicPipeline": "assembly.scripting", "ZMagicOutput": "assembly.scripting",
 }
 
 __all__ = ["__version__", *_PUBLIC]
@@ -66,6 +68,7 @@ def __dir__():
 if TYPE_CHECKING:  # static analysers see the names
     from zmagic_core.assembly.build import build_pipeline, check_recipe, load_recipe  # noqa: F401
     from zmagic_core.assembly.recipe import Recipe  # noqa: F401
+    from zmagic_core.assembly.scripting import ZMagicOutput, ZMagicPipeline  # noqa: F401
     from zmagic_core.contracts.components import (BuildContext, Combined, Combiner, DiffusionModel, Energy,  # noqa: F401
                                                   Evaluator, FinishedRun, Prediction, Solver)
     from zmagic_core.contracts.errors import (ConfigError, InputError, PluginError, UnknownComponentError,  # noqa: F401

@@ -7,7 +7,7 @@ from torch.autograd.functional import hessian, jacobian
 
 from zmagic_core.method.combiners import CAGradCombiner, DependentCombiner, SumCombiner
 from zmagic_core.method.guidance import Condition, GuidanceStep
-from zmagic_core.method.schedule import Schedule
+from zmagic_core.method.schedule import Schedule, linear_alphas_cumprod
 from zmagic_core.method.solvers import DDIMSolver, DDPMSolver
 
 T, T_NEXT = 500, 490
@@ -22,9 +22,10 @@ def make_step(model, solver, conditions, x, z):
     return GuidanceStep(model, solver, conditions, x, T, T_NEXT, sched.abar(T), sched.abar(T_NEXT), z)
 
 
-def guidance_fn(model, cond, t, abar):
-    """x -> g(x) = -rho grad_x E(x0(x)) for one sample, written out here (fixed rule), twice differentiable."""
-    rho = cond.scale * math.sqrt(abar)
+def guidance_fn(model, cond, t, abar, gain=1.0):
+    """x -> g(x) = -rho grad_x E(x0(x)) for one sample, written out here (fixed rule times the solver's
+    gain), twice differentiable."""
+    rho = cond.scale * math.sqrt(abar) * gain
 
     def g(x):
         with torch.enable_grad():
@@ -106,13 +107,14 @@ def test_dependent_ddim_is_jacobian_transpose_product_of_the_step(setup, eta):
     solver = DDIMSolver(eta=eta)
     sched = Schedule(model.alphas_cumprod, 100)
     a_t, a_n = sched.abar(T), sched.abar(T_NEXT)
-    g1 = guidance_fn(model, conds[0], T, a_t)
+    gain = solver.guidance_gain(a_t, a_n)  # every energy's step size at this step carries it
+    g1 = guidance_fn(model, conds[0], T, a_t, gain)
 
     def phi(x):
         return solver.step(x[None], model.score(x[None], T) + g1(x)[None], z, a_t, a_n)[0]
 
     x_hat = phi(x[0]).detach()
-    g_tilde = guidance_fn(model, conds[1], T_NEXT, a_n)(x_hat).detach()
+    g_tilde = guidance_fn(model, conds[1], T_NEXT, a_n, gain)(x_hat).detach()
     expected = jacobian(phi, x[0]).T @ g_tilde
     G = DependentCombiner(**EXACT).combine(make_step(model, solver, conds, x, z)).guidance[0]
     torch.testing.assert_close(G - g1(x[0]).detach(), expected, rtol=1e-4, atol=1e-5)
@@ -169,3 +171,21 @@ def test_cap_bounds_the_conditional_term_and_none_is_the_paper(setup):
     torch.testing.assert_close(loose, free)  # a cap above the actual ratio changes nothing
     tight = DependentCombiner(cap=0.5 * ratio, **EXACT).combine(make_step(model, DDPMSolver(), conds, x, z)).guidance[0] - g1
     torch.testing.assert_close(tight, 0.5 * free, rtol=1e-5, atol=1e-6)  # same direction, half the length
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_guidance_gain_makes_the_pull_that_of_the_ancestral_step(eta):
+    """dPhi/dscore of DDIM times its gain equals the ancestral step's beta_eff, so one scale moves x_t'
+    equally under both; 'raw' keeps DDIM's own coefficient; small deterministic steps give about 2."""
+    sched = Schedule(linear_alphas_cumprod(), 50)
+    ddim, raw = DDIMSolver(eta=eta), DDIMSolver(eta=eta, pull="raw")
+    x, z, g = torch.randn(3, 1, 6, dtype=torch.float64).unbind(0)
+    for _, t, t_next in sched.pairs():
+        a_t, a_n = sched.abar(t), sched.abar(t_next)
+        moved = (ddim.step(x, g, z, a_t, a_n) - ddim.step(x, torch.zeros_like(g), z, a_t, a_n))
+        torch.testing.assert_close(moved, ddim.score_coefficient(a_t, a_n) * g)
+        if t_next >= 0:  # the final step ends on x0 either way
+            torch.testing.assert_close(moved * ddim.guidance_gain(a_t, a_n), Schedule.beta_eff(a_t, a_n) * g)
+        assert raw.guidance_gain(a_t, a_n) == 1.0
+    fine = Schedule(linear_alphas_cumprod(), 1000)
+    assert 1.95 < DDIMSolver().guidance_gain(fine.abar(500), fine.abar(499)) < 2.0

@@ -106,6 +106,11 @@ class Solver(abc.ABC):
         """One corrector move at the new level (predictor-corrector solvers only)."""
         return x
 
+    def guidance_gain(self, abar_t: float, abar_next: float) -> float:
+        """Factor on the energies' step sizes so that guidance moves x_t' as far as in the
+        ancestral step (beta_eff * G) whatever the solver and the step count; 1 for the ancestral form."""
+        return 1.0
+
 
 @dataclass
 class Combined:

@@ -135,14 +135,14 @@ def _difference_products(step, ev, plan, hessian, level, fd_step, stack=None):
     t_hat, abar_hat = step.level(level)
     x_hats = [step.phi(x, ev.score.detach() + ev.grads[i].detach()).detach() for i, _ in plan]
     at_hat = evaluate_points(step.model, x_hats, t_hat, abar_hat, [[step.conditions[j] for j in js] for _, js in plan],
-                             stack=stack)
+                             stack=stack, gain=step.gain)
     jobs = [(k, i, g) for k, ((i, _), e) in enumerate(zip(plan, at_hat)) for g in e.grads]
     x_norm = _per_sample(x)
     steps = [_col(fd_step * x_norm / _per_sample(v).clamp_min(1e-30), x.ndim) for _, _, v in jobs]
     points = [x + h * v for h, (_, _, v) in zip(steps, jobs)]
     at_points = evaluate_points(step.model, points, step.t, step.abar_t,
                                 [[step.conditions[i]] if hessian else [] for _, i, _ in jobs],
-                                [[ev.rhos[i]] if hessian else [] for _, i, _ in jobs], stack=stack)
+                                [[ev.rhos[i]] if hessian else [] for _, i, _ in jobs], stack=stack, gain=step.gain)
     f64 = torch.float64
     z, s0 = step.z.to(f64), ev.score.detach().to(f64)
 

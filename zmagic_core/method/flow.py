@@ -9,8 +9,15 @@ A rectified-flow model is trained on the straight path x_s = (1 - s) x0 + s eps 
 is exactly a VP point with the same x0 and eps.  So a flow model is a :class:`DiffusionModel`
 whose eps comes from the velocity (eps = x_s + (1 - s) v, x0 = x_s - s v), and every solver,
 combiner and energy works on it unchanged.  The flow Euler step x_s' = x_s + (s' - s) v is the
-DDIM(eta=0) step in these coordinates (both put the same x0 and eps at the next level), so the
-map Phi whose vector-Jacobian products the combiners take is the DDIM map up to the scalar k(s').
+DDIM(eta=0) step in these coordinates (both put the same x0 and eps at the next level):
+F(x_s) = D(k x_s) / k', so dF/dx_s = (k / k') dD/dx_vp, and the map Phi whose vector-Jacobian
+products the combiners take is the DDIM map up to these scalars; the `ddpm` ancestral step in VP
+coordinates is its stochastic analogue.
+
+Guidance: score_flow = k score_vp and grad_{x_s} E = k grad_{x_vp} E, so a term G_vp = -rho grad E
+on the VP score is G_flow = k G_vp on the flow score (the same rho), and the guided velocity is
+v - s / (1 - s) G_flow.  A conditional term J^T g_tilde obeys the same relation, so the combiners'
+products need no change, and a scale pulls as far per unit of -log abar as on a VP model.
 """
 from __future__ import annotations
 

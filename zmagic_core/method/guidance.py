@@ -92,7 +92,7 @@ class Condition:
         (grad,) = torch.autograd.grad(energy.sum(), ev.x, retain_graph=retain_graph or create_graph,
                                       create_graph=create_graph)
         if rho is None:
-            rho = step_size(self.rule, self.scale, ev.abar, ev.eps, grad)
+            rho = step_size(self.rule, self.scale, ev.abar, ev.eps, grad) * ev.gain
         return energy.detach(), -rho.view(-1, *([1] * (grad.ndim - 1))) * grad, rho.detach()
 
     def energy_only(self, ev: "Evaluation") -> torch.Tensor:
@@ -112,6 +112,7 @@ class Evaluation:
     x0: torch.Tensor
     image: torch.Tensor
     extras: dict = field(default_factory=dict)  # the model's Prediction.extras at this point
+    gain: float = 1.0  # the solver's factor on step sizes (Solver.guidance_gain)
     energies: list[torch.Tensor] = field(default_factory=list)
     grads: list[Optional[torch.Tensor]] = field(default_factory=list)
     rhos: list[Optional[torch.Tensor]] = field(default_factory=list)  # rho_i per sample (None: the condition's own rule)
@@ -139,7 +140,8 @@ def _guidance(cond: "Condition", ev: "Evaluation", create_graph: bool, rho=None,
 
 def evaluate(model, x: torch.Tensor, t: int, abar: float, conditions: list[Condition],
              guided: list[bool], create_graph: Union[bool, Sequence[bool]] = False,
-             rhos: Optional[Sequence[Optional[torch.Tensor]]] = None, keep_graph: bool = True) -> Evaluation:
+             rhos: Optional[Sequence[Optional[torch.Tensor]]] = None, keep_graph: bool = True,
+             gain: float = 1.0) -> Evaluation:
     """One network pass at (x, t); g_i for every condition flagged in ``guided``, energies for all.
 
     ``create_graph`` (one flag, or one per condition) keeps those g_i differentiable in x, for
@@ -147,7 +149,8 @@ def evaluate(model, x: torch.Tensor, t: int, abar: float, conditions: list[Condi
     (one per condition, None for its own rule) holds step sizes fixed.  ``keep_graph=False``
     releases the network's graph once the g_i are computed (eps, score, x0 and the image are
     then plain tensors): nothing can be differentiated through this point any more, and its
-    activations do not stay in memory while the combiner evaluates other points.
+    activations do not stay in memory while the combiner evaluates other points.  ``gain``
+    multiplies the step sizes the conditions' rules give (the solver's guidance gain).
     """
     single = isinstance(create_graph, bool)
     graphs = [create_graph] * len(conditions) if single else list(create_graph)
@@ -159,7 +162,8 @@ def evaluate(model, x: torch.Tensor, t: int, abar: float, conditions: list[Condi
         prediction = model.predict(x, max(t, 0))
         eps = prediction.eps.float()
         image = model.decode(prediction.x0).float()
-        ev = Evaluation(x, t, abar, eps, score_from_eps(eps, abar), prediction.x0, image, prediction.extras)
+        ev = Evaluation(x, t, abar, eps, score_from_eps(eps, abar), prediction.x0, image, prediction.extras,
+                        gain=gain)
         for k, (cond, wanted, graph) in enumerate(zip(conditions, guided, graphs)):
             if wanted:
                 energy, g, rho = _guidance(cond, ev, graph, rhos[k], retain_graph=keep_graph or k < last)
@@ -174,7 +178,7 @@ def evaluate(model, x: torch.Tensor, t: int, abar: float, conditions: list[Condi
 def evaluate_points(model, points: Sequence[torch.Tensor], t: int, abar: float,
                     conditions: Sequence[Sequence[Condition]],
                     rhos: Optional[Sequence[Sequence[Optional[torch.Tensor]]]] = None,
-                    stack: Optional[int] = None) -> list[Evaluation]:
+                    stack: Optional[int] = None, gain: float = 1.0) -> list[Evaluation]:
     """Several batches of points at one level in one network call (stacked along the batch).
 
     ``conditions[k]``: the conditions whose g is wanted at ``points[k]`` (in order; may be empty:
@@ -188,7 +192,8 @@ def evaluate_points(model, points: Sequence[torch.Tensor], t: int, abar: float,
     if stack is not None and len(points) > stack:
         out: list[Evaluation] = []
         for a in range(0, len(points), stack):
-            out += evaluate_points(model, points[a:a + stack], t, abar, conditions[a:a + stack], rhos[a:a + stack])
+            out += evaluate_points(model, points[a:a + stack], t, abar, conditions[a:a + stack], rhos[a:a + stack],
+                                   gain=gain)
         return out
     sizes = [p.shape[0] for p in points]
     x = torch.cat([p.detach() for p in points]).requires_grad_(True)
@@ -204,7 +209,7 @@ def evaluate_points(model, points: Sequence[torch.Tensor], t: int, abar: float,
             bounds.append(bounds[-1] + n)
         rows = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
         evs = [Evaluation(x[r], t, abar, eps[r], score[r], prediction.x0[r], image[r],
-                          {k: v[r] if torch.is_tensor(v) else v for k, v in prediction.extras.items()})
+                          {k: v[r] if torch.is_tensor(v) else v for k, v in prediction.extras.items()}, gain=gain)
                for r in rows]
         for r in range(rounds):  # the r-th condition of every point: one backward through the stack
             jobs = [k for k, c in enumerate(conditions) if len(c) > r]
@@ -217,7 +222,7 @@ def evaluate_points(model, points: Sequence[torch.Tensor], t: int, abar: float,
                 cond, ev = conditions[k][r], evs[k]
                 if k in plain:
                     g_e = grad[rows[k]]
-                    rho = rhos[k][r] if rhos[k][r] is not None else step_size(cond.rule, cond.scale, abar, ev.eps, g_e)
+                    rho = rhos[k][r] if rhos[k][r] is not None else step_size(cond.rule, cond.scale, abar, ev.eps, g_e) * gain
                     energy, g = energies[k].detach(), -rho.view(-1, *([1] * (g_e.ndim - 1))) * g_e
                 else:
                     (energy, g), rho = cond.guidance(ev, False), None
@@ -277,9 +282,15 @@ class GuidanceStep:
                 wanted = tuple(w or h for w, h in zip(wanted, have))
             keep = True if keep_graph is None else keep_graph
             self._base = evaluate(self.model, self.x, self.t, self.abar_t, self.conditions,
-                                  list(wanted), create_graph=list(graphs), keep_graph=keep)
+                                  list(wanted), create_graph=list(graphs), keep_graph=keep, gain=self.gain)
             self._base_graphs, self._base_guided, self._base_kept = graphs, wanted, keep or any(graphs)
         return self._base
+
+    @property
+    def gain(self) -> float:
+        """The solver's factor on the energies' step sizes at this step (Solver.guidance_gain)."""
+        gain = getattr(self.solver, "guidance_gain", None)  # duck-typed solvers may lack it
+        return float(gain(self.abar_t, self.abar_next)) if gain is not None else 1.0
 
     def level(self, level: str) -> tuple[int, float]:
         """(t, abar) of level ``t`` or ``t_next`` (the final step's t' = -1 falls back to t)."""
@@ -296,4 +307,4 @@ class GuidanceStep:
         """Guidance of the conditions ``indices`` at a new point x, at level t or t'."""
         t, abar = self.level(level)
         conds = [self.conditions[i] for i in indices]
-        return evaluate(self.model, x, t, abar, conds, [True] * len(conds), keep_graph=keep_graph)
+        return evaluate(self.model, x, t, abar, conds, [True] * len(conds), keep_graph=keep_graph, gain=self.gain)

@@ -7,6 +7,7 @@ score argument.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,9 +31,15 @@ class DDPMSolver(Solver):
         return (2.0 - math.sqrt(1.0 - beta)) * x + beta * score + math.sqrt(beta) * z
 
 
+PULLS = ("consistent", "raw")
+
+
 class DDIMOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="0: deterministic DDIM; 1: DDPM-like noise")
+    pull: Literal["consistent", "raw"] = Field(
+        "consistent", description="consistent: energy guidance moves x_t' as far as in the ancestral step "
+                                  "(step sizes times beta_eff / (dPhi/dscore)); raw: the score is used as given")
 
 
 class DDIMSolver(Solver):
@@ -40,15 +47,34 @@ class DDIMSolver(Solver):
 
     Options = DDIMOptions
 
-    def __init__(self, eta: float = 0.0):
-        self.eta = eta
+    def __init__(self, eta: float = 0.0, pull: str = "consistent"):
+        if pull not in PULLS:
+            raise ValueError(f"pull must be one of {PULLS}, got {pull!r}")
+        self.eta, self.pull = eta, pull
+
+    def _coefficients(self, abar_t, abar_next):
+        """(sigma, direction) of the step: x_t' = sqrt(abar') x0_hat + direction eps_hat + sigma z."""
+        sigma = self.eta * math.sqrt((1.0 - abar_next) / (1.0 - abar_t) * (1.0 - abar_t / abar_next))
+        return sigma, math.sqrt(max(1.0 - abar_next - sigma**2, 0.0))
 
     def step(self, x, score, z, abar_t, abar_next):
         eps_hat = -math.sqrt(1.0 - abar_t) * score
         x0_hat = (x - math.sqrt(1.0 - abar_t) * eps_hat) / math.sqrt(abar_t)
-        sigma = self.eta * math.sqrt((1.0 - abar_next) / (1.0 - abar_t) * (1.0 - abar_t / abar_next))
-        direction = math.sqrt(max(1.0 - abar_next - sigma**2, 0.0))
+        sigma, direction = self._coefficients(abar_t, abar_next)
         return math.sqrt(abar_next) * x0_hat + direction * eps_hat + sigma * z
+
+    def score_coefficient(self, abar_t: float, abar_next: float) -> float:
+        """dPhi/dscore (the step is affine in the score): sqrt(abar'/abar) (1 - abar) - direction sqrt(1 - abar)."""
+        _, direction = self._coefficients(abar_t, abar_next)
+        return math.sqrt(abar_next / abar_t) * (1.0 - abar_t) - direction * math.sqrt(1.0 - abar_t)
+
+    def guidance_gain(self, abar_t, abar_next):
+        """beta_eff / (dPhi/dscore): about 2 for small deterministic steps, where the probability-flow
+        ODE moves with half the reverse SDE's score (so an unchanged scale pulls half as far)."""
+        if self.pull == "raw":
+            return 1.0
+        coefficient = self.score_coefficient(abar_t, abar_next)
+        return Schedule.beta_eff(abar_t, abar_next) / coefficient if coefficient > 0 else 1.0
 
 
 class PCOptions(BaseModel):

@@ -4,10 +4,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from zmagic_core.contracts.hookspecs import hookimpl
 from zmagic_core.method.combiners import CAGradCombiner, DependentCombiner, SumCombiner
 from zmagic_core.method.solvers import DDIMSolver, DDPMSolver, PCSolver
-from zmagic_core.models.pretrained import (MODEL_FACTORIES, DiffusersPixelOptions, StableDiffusionOptions,
-                                           prompt_conditions)  # diffusers is imported only when one is built
+from zmagic_core.models.pretrained import (MODEL_FACTORIES, DiffusersPixelOptions, FlowTransformerOptions,
+                                           StableDiffusionOptions, StableDiffusionXLOptions,
+                                           prompt_conditions)  # diffusers: imported when built
 from zmagic_core.models.shapes.energies import FACTORIES as SHAPES_ENERGIES, ENERGIES as SHAPES_ENERGY_CLASSES
 from zmagic_core.models.shapes.evaluate import ShapesEvaluator
+from zmagic_core.models.shapes.flow import ShapesFlowModel
 from zmagic_core.models.shapes.world import ShapesModel
 
 
@@ -31,11 +33,25 @@ def shapes_model(context, **options):
     return ShapesModel(**options).to(context.device)
 
 
+class ShapesFlowOptions(ShapesOptions):
+    shift: float = Field(1.0, gt=0, description="SD3-style shift of the noise levels (1: none)")
+
+
+def shapes_flow_model(context, **options):
+    """The shapes world as a flow-matching model: the same mixture, its exact velocity field."""
+    return ShapesFlowModel(**options).to(context.device)
+
+
 @hookimpl
 def register_models(register):
     register("shapes", shapes_model, options=ShapesOptions)
+    register("shapes-flow", shapes_flow_model, options=ShapesFlowOptions)
     register("diffusers-pixel", MODEL_FACTORIES["diffusers-pixel"], options=DiffusersPixelOptions)
     register("stable-diffusion", MODEL_FACTORIES["stable-diffusion"], options=StableDiffusionOptions,
+             adds_conditions=prompt_conditions)
+    register("flow-transformer", MODEL_FACTORIES["flow-transformer"], options=FlowTransformerOptions,
+             adds_conditions=prompt_conditions)
+    register("stable-diffusion-xl", MODEL_FACTORIES["stable-diffusion-xl"], options=StableDiffusionXLOptions,
              adds_conditions=prompt_conditions)
 
 

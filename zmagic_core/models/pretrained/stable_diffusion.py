@@ -20,6 +20,7 @@ Choices (METHOD.md sections 1, 2 and 4):
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
@@ -76,10 +77,15 @@ class PromptCondition(Condition):
 class StableDiffusionModel(DiffusionModel):
     """Latent eps(x_t, t) with the unconditional (negative-prompt) embedding; see the module doc."""
 
-    def __init__(self, unet, vae, cond_embedding: Optional[torch.Tensor], uncond_embedding: torch.Tensor,
+    # names of the text inputs per branch: buffers cond_<key> / uncond_<key> (a subclass adds "pooled")
+    text_keys: ClassVar[tuple[str, ...]] = ("embedding",)
+
+    def __init__(self, unet, vae, cond_embedding, uncond_embedding,
                  alphas_cumprod: torch.Tensor, guidance_scale: float = 7.5, height: int = 512, width: int = 512,
                  prediction_type: str = "epsilon", decode_size: Optional[int] = None, attention: str = "auto",
-                 prompt: Optional[str] = None, clean_estimate: str = "uncond"):
+                 prompt: Optional[str] = None, clean_estimate: str = "uncond", prompt_encoder=None):
+        """``cond_embedding`` / ``uncond_embedding``: the text encoder's hidden states, or a dict of
+        the text inputs by ``text_keys``; ``prompt_encoder`` (a PromptEncoder) enables with_prompt."""
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ConfigError(f"prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
@@ -88,8 +94,9 @@ class StableDiffusionModel(DiffusionModel):
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64))
-        self.register_buffer("uncond_embedding", uncond_embedding)
-        self.register_buffer("cond_embedding", cond_embedding if cond_embedding is not None else None)
+        self._set_text("uncond", uncond_embedding)
+        self._set_text("cond", cond_embedding)
+        self.prompt_encoder = prompt_encoder
         self.guidance_scale, self.prediction_type, self.attention = float(guidance_scale), prediction_type, attention
         self.prompt = prompt
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -101,23 +108,59 @@ class StableDiffusionModel(DiffusionModel):
         if clean_estimate not in ("uncond", "cfg"):
             raise ConfigError(f"clean_estimate {clean_estimate!r}; expected 'uncond' or 'cfg'")
         self.clean_estimate = clean_estimate
-        self._conditions = ([PromptCondition("prompt", None, rule="cfg", scale=self.guidance_scale, model=self)]
-                            if cond_embedding is not None else [])
+
+    def _set_text(self, branch: str, text) -> None:
+        if text is None or torch.is_tensor(text):
+            text = {"embedding": text}
+        for key in self.text_keys:
+            self.register_buffer(f"{branch}_{key}", text.get(key))
 
     # -- conditions --------------------------------------------------------------------------
     def model_conditions(self):
-        return list(self._conditions)
+        if self.cond_embedding is None:
+            return []
+        return [PromptCondition("prompt", None, rule="cfg", scale=self.guidance_scale, model=self)]
+
+    def with_prompt(self, prompt: Optional[str], negative_prompt: Optional[str] = None,
+                    guidance_scale: Optional[float] = None) -> "StableDiffusionModel":
+        """The same networks (shared, not copied) with new prompt embeddings, for scripts that change
+        the prompt between runs; needs the text encoder(s) kept at build time."""
+        if self.prompt_encoder is None:
+            raise ConfigError("this model was built without its text encoder, so its prompt is fixed; build it "
+                              "with keep_text_encoder=True to change the prompt between runs")
+        device = self.uncond_embedding.device
+        clone = copy.copy(self)
+        clone._buffers = dict(self._buffers)  # own buffer table: the original keeps its embeddings
+        clone._set_text("uncond", self.prompt_encoder.unconditional(negative_prompt, device))
+        clone._set_text("cond", self.prompt_encoder.encode(prompt, device) if prompt is not None else None)
+        clone.prompt = prompt
+        if guidance_scale is not None:
+            clone.guidance_scale = float(guidance_scale)
+        return clone
+
+    def place_buffers(self, device: torch.device) -> "StableDiffusionModel":
+        """Move this model's own tensors (schedule, embeddings) only, leaving the networks where their
+        owner (or an offloading hook) put them."""
+        for name, value in self._buffers.items():
+            if value is not None:
+                self._buffers[name] = value.to(device)
+        return self
 
     # -- network -----------------------------------------------------------------------------
     @property
     def weight_dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def _unet(self, x: torch.Tensor, t: int, embedding: torch.Tensor) -> torch.Tensor:
+    def _unet_inputs(self, branch: str, batch: int) -> dict:
+        """The UNet's keyword inputs of branch "cond" or "uncond" for a batch."""
+        embedding = getattr(self, f"{branch}_embedding")
+        return {"encoder_hidden_states": embedding.to(self.weight_dtype).expand(batch, -1, -1)}
+
+    def _unet(self, x: torch.Tensor, t: int, branch: str) -> torch.Tensor:
         b = x.shape[0]
         timestep = torch.full((b,), int(t), device=x.device, dtype=torch.long)
         with attention_context(x.device, self.attention):
-            out = fp32(self.unet(x.to(self.weight_dtype), timestep, encoder_hidden_states=embedding).sample)
+            out = fp32(self.unet(x.to(self.weight_dtype), timestep, **self._unet_inputs(branch, b)).sample)
         return out
 
     def _to_eps(self, out, x, t):
@@ -125,7 +168,7 @@ class StableDiffusionModel(DiffusionModel):
 
     def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         """The unconditional (negative-prompt) prediction; the prompt enters as a condition."""
-        return self._to_eps(self._unet(x_t, t, self.uncond_embedding.expand(x_t.shape[0], -1, -1)), x_t, t)
+        return self._to_eps(self._unet(x_t, t, "uncond"), x_t, t)
 
     def predict(self, x_t: torch.Tensor, t: int) -> Prediction:
         """The unconditional eps and the clean estimate the energies see.
@@ -145,7 +188,7 @@ class StableDiffusionModel(DiffusionModel):
 
     def eps_cond(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         """The conditional (prompt) prediction alone."""
-        return self._to_eps(self._unet(x_t, t, self.cond_embedding.expand(x_t.shape[0], -1, -1)), x_t, t)
+        return self._to_eps(self._unet(x_t, t, "cond"), x_t, t)
 
     def eps_cfg(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         """eps_uncond + w (eps_cond - eps_uncond), what a plain CFG sampler uses."""
@@ -177,12 +220,41 @@ class StableDiffusionModel(DiffusionModel):
 
 def encode_prompt(tokenizer, text_encoder, prompt: str, device: torch.device) -> torch.Tensor:
     """CLIP text-encoder hidden states (1, 77, D) for a prompt, padded to the model's max length."""
-    ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids.to(device)
-    with torch.no_grad():
-        out = text_encoder(ids)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden.detach()
+    return PromptEncoder([tokenizer], [text_encoder]).encode(prompt, device)["embedding"]
+
+
+class PromptEncoder:
+    """Tokenizer(s) + CLIP text encoder(s): a prompt -> the UNet's text inputs, as the diffusers
+    pipelines compute them.  One encoder (SD 1.x/2.x): its last hidden states.  Several (SDXL,
+    ``penultimate``): each one's penultimate hidden states concatenated along features, and
+    "pooled" = the projected pooled output of the encoder that has one (text_embeds)."""
+
+    def __init__(self, tokenizers: list, text_encoders: list, penultimate: bool = False,
+                 zeros_for_empty: bool = False):
+        self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
+        self.penultimate, self.zeros_for_empty = penultimate, zeros_for_empty
+
+    def encode(self, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+            with torch.no_grad():  # offloading hooks move the encoder and the ids to its execution device
+                out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=self.penultimate)
+            if pooled is None and out[0].ndim == 2:
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2] if self.penultimate else out[0])
+        text = {"embedding": torch.cat(hidden, dim=-1).detach().to(device)}
+        if pooled is not None:
+            text["pooled"] = pooled.detach().to(device)
+        return text
+
+    def unconditional(self, negative_prompt: Optional[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """The negative prompt's inputs; no negative prompt and ``zeros_for_empty`` (SDXL's
+        force_zeros_for_empty_prompt): zeros, as the diffusers pipeline does."""
+        if negative_prompt is None and self.zeros_for_empty:
+            return {k: torch.zeros_like(v) for k, v in self.encode("", device).items()}
+        return self.encode(negative_prompt or "", device)
 
 
 class StableDiffusionOptions(BaseModel):
@@ -208,6 +280,9 @@ class StableDiffusionOptions(BaseModel):
         None, ge=8, multiple_of=8,
         description="decode guidance passes at this side (e.g. 224): latent resized before the VAE decoder")
     attention: Literal["auto", "math", "default"] = "auto"
+    keep_text_encoder: bool = Field(
+        False, description="keep the text encoder(s) after encoding the prompt, so a script can change the "
+                           "prompt between runs (ZMagicPipeline sets it); costs their memory")
     clean_estimate: Literal["uncond", "cfg"] = Field(
         "uncond", description="what energies decode: the unconditional Tweedie estimate (default, one clean "
                               "estimate for all conditions) or the CFG one (FreeDoM's SD code; +1 UNet pass "
@@ -222,39 +297,82 @@ class StableDiffusionOptions(BaseModel):
         return self
 
 
-def build_stable_diffusion(context: BuildContext, **options) -> StableDiffusionModel:
-    """Stable Diffusion (v1.x layout) with the prompt as the first condition."""
-    opts = StableDiffusionOptions(**options)
-    require_modules("stable-diffusion", StableDiffusionOptions.required_modules)
+# options that say where the weights come from and in which dtype: meaningless for loaded components
+LOADING_OPTIONS = ("id", "path", "revision", "variant", "local_files_only", "dtype", "vae_dtype", "device",
+                   "unet_checkpoint")
+
+
+# the transformers class of each text component of the diffusers SD / SDXL layouts
+TEXT_CLASSES = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer", "text_encoder": "CLIPTextModel",
+                "text_encoder_2": "CLIPTextModelWithProjection"}
+
+
+def load_latent_parts(kind: str, opts, context: BuildContext, text_parts: tuple[str, ...],
+                      vae_source=None) -> tuple[dict, torch.device]:
+    """(components by diffusers name + "scheduler_config", device) of a latent text-to-image model
+    from a hub id or folder: unet, vae (from ``vae_source`` when given), ``text_parts``
+    (tokenizer*/text_encoder* subfolders, classes as in TEXT_CLASSES), the noise schedule."""
+    require_modules(kind, type(opts).required_modules)
     source = resolve_source(opts.id, opts.path, opts.revision, opts.local_files_only)  # fails before heavy imports
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     dtype = parse_dtype(opts.dtype, context.dtype)
-    vae_dtype = parse_dtype(opts.vae_dtype, dtype)
-    device = resolve_device(opts.device, context.device)
     extra = {"variant": opts.variant} if opts.variant else {}
-    unet = load_pretrained(UNet2DConditionModel, source, "unet", torch_dtype=dtype, **extra)
-    vae = load_pretrained(AutoencoderKL, source, "vae", torch_dtype=vae_dtype, **extra)
+    parts: dict[str, Any] = {"unet": load_pretrained(UNet2DConditionModel, source, "unet", torch_dtype=dtype, **extra)}
+    vae_dtype = parse_dtype(opts.vae_dtype, dtype)
+    if vae_source is None:
+        parts["vae"] = load_pretrained(AutoencoderKL, source, "vae", torch_dtype=vae_dtype, **extra)
+    else:  # a separate VAE folder or repo (e.g. an fp16-fixed VAE): root layout, or vae/ inside
+        sub = "vae" if vae_source.has_file("vae/config.json") else None
+        parts["vae"] = load_pretrained(AutoencoderKL, vae_source, sub, torch_dtype=vae_dtype)
     if opts.unet_checkpoint:
-        load_checkpoint_into(unet, opts.unet_checkpoint)
+        load_checkpoint_into(parts["unet"], opts.unet_checkpoint)
+    parts["scheduler_config"] = read_scheduler_config(source, ("scheduler",))
+    if parts["scheduler_config"] is None:
+        raise ConfigError(f"{source.name!r} has no scheduler/scheduler_config.json; the noise schedule is unknown")
+    for name in text_parts:
+        kwargs = {} if name.startswith("tokenizer") else {"dtype": dtype, **extra}
+        parts[name] = load_pretrained(getattr(transformers, TEXT_CLASSES[name]), source, name, **kwargs)
+    return parts, resolve_device(opts.device, context.device)
+
+
+def assemble_latent_model(model_cls, parts: dict, encoder: PromptEncoder, opts, device: torch.device,
+                          move_modules: bool = True, **extra):
+    """A latent text-to-image model of class ``model_cls`` from its components and checked options;
+    the prompt and negative prompt are encoded once (``move_modules`` False: the networks stay where
+    their owner put them, e.g. under offloading hooks, and only the model's own tensors move)."""
+    unet, vae = parts["unet"], parts["vae"]
     if opts.gradient_checkpointing:
         unet.enable_gradient_checkpointing(checkpoint_function)
         vae.enable_gradient_checkpointing(checkpoint_function)
-    config = read_scheduler_config(source, ("scheduler",))
-    if config is None:
-        raise ConfigError(f"{source.name!r} has no scheduler/scheduler_config.json; the noise schedule is unknown")
-    tokenizer = load_pretrained(CLIPTokenizer, source, "tokenizer")
-    text_encoder = load_pretrained(CLIPTextModel, source, "text_encoder", dtype=dtype, **extra)
-    text_encoder.to(device).eval()
-    uncond = encode_prompt(tokenizer, text_encoder, opts.negative_prompt, device)
-    cond = encode_prompt(tokenizer, text_encoder, opts.prompt, device) if opts.prompt is not None else None
-    del text_encoder  # not needed while sampling: the embeddings are fixed
-    model = StableDiffusionModel(unet, vae, cond, uncond, alphas_cumprod_from_config(config),
-                                 opts.guidance_scale, opts.height, opts.width,
-                                 config.get("prediction_type", "epsilon"), opts.decode_size, opts.attention,
-                                 opts.prompt, opts.clean_estimate)
-    return model.to(device)
+    if move_modules:
+        for text_encoder in encoder.text_encoders:
+            text_encoder.to(device).eval()
+    uncond = encoder.unconditional(opts.negative_prompt, device)
+    cond = encoder.encode(opts.prompt, device) if opts.prompt is not None else None
+    config = parts["scheduler_config"]
+    model = model_cls(unet, vae, cond, uncond, alphas_cumprod_from_config(config), opts.guidance_scale,
+                      opts.height, opts.width, config.get("prediction_type", "epsilon"), opts.decode_size,
+                      opts.attention, opts.prompt, opts.clean_estimate,
+                      prompt_encoder=encoder if opts.keep_text_encoder else None, **extra)
+    # without keep_text_encoder nothing refers to the text encoder(s) after this: their memory is freed
+    return model.to(device) if move_modules else model.place_buffers(device)
+
+
+def build_stable_diffusion(context: BuildContext, **options) -> StableDiffusionModel:
+    """Stable Diffusion (v1.x layout) with the prompt as the first condition."""
+    opts = StableDiffusionOptions(**options)
+    parts, device = load_latent_parts("stable-diffusion", opts, context, ("tokenizer", "text_encoder"))
+    return stable_diffusion_from_components(parts, opts, device)
+
+
+def stable_diffusion_from_components(parts: dict, opts: StableDiffusionOptions, device: torch.device,
+                                     move_modules: bool = True) -> StableDiffusionModel:
+    """The ``stable-diffusion`` model from loaded components (unet, vae, tokenizer, text_encoder and
+    the scheduler's config as "scheduler_config")."""
+    encoder = PromptEncoder([parts["tokenizer"]], [parts["text_encoder"]])
+    return assemble_latent_model(StableDiffusionModel, parts, encoder, opts, device, move_modules)
 
 
 def prompt_conditions(options: dict) -> int:

@@ -24,7 +24,7 @@ Reference = Union[PathOrName, dict[str, str]]  # a prototype ('red circle center
 
 def _world(context: BuildContext) -> ShapesModel:
     if not isinstance(context.model, ShapesModel):
-        raise ConfigError("shapes-* energies need the 'shapes' base model")
+        raise ConfigError("shapes-* energies need the 'shapes' or 'shapes-flow' base model")
     return context.model
 
 

@@ -135,7 +135,7 @@ class ShapesEvaluator(Evaluator):
     TV distance to the exact conditional, judged by p(c | k) rather than by the guiding energies."""
 
     def applies_to(self, recipe: dict) -> bool:
-        return (recipe.get("model") or {}).get("kind") == "shapes"
+        return (recipe.get("model") or {}).get("kind") in ("shapes", "shapes-flow")
 
     def evaluate(self, run: FinishedRun) -> dict:
         judged = [c for c in run.conditions if hasattr(c.energy, "log_likelihood")]  # shapes energies only
