@@ -6,8 +6,8 @@ import torch
 
 from zmagic_core.app.bench import quality
 from zmagic_core.models.shapes import AttributeEnergy, MaskEnergy, ShapesModel, evaluate_samples
-from zmagic_core.models.shapes.evaluate import (expected_tv_of_exact_sampler, nearest_prototypes, target_distribution,
-                                                tv_distance)
+from zmagic_core.models.shapes.evaluate import (ON_MANIFOLD_FACTOR, expected_tv_of_exact_sampler, landed_prototypes,
+                                                nearest_prototypes, target_distribution, tv_distance)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,23 @@ def test_tv_of_a_histogram_by_hand(world, energies):
     summary = evaluate_samples(world, broken, energies, ["red", "mask"])["summary"]
     assert summary["tv_distance"] == pytest.approx(expected) and summary["finite"] == 9
     assert summary["on_manifold"] == pytest.approx(0.9)
+
+
+def test_a_sample_off_the_manifold_lands_on_no_prototype(world, energies):
+    """The headline counts a sample only where it lands: one pushed 3 sigma0 (RMS) off its prototype is
+    nobody's sample, so the right histogram off the manifold cannot score as if it were on it."""
+    p = target_distribution(world, energies)
+    k = int(p.argmax())
+    at_k = world.mu[[k] * 4].view(4, *world.sample_shape).clone()
+    direction = torch.randn(world.sample_shape, generator=torch.Generator().manual_seed(0))
+    at_k[0] += 3 * world.sigma0 * direction / direction.pow(2).mean().sqrt()
+    at_k[1] += 0.5 * ON_MANIFOLD_FACTOR * world.sigma0 * direction / direction.pow(2).mean().sqrt()
+    nearest, _ = nearest_prototypes(world, at_k)
+    assert (nearest == k).all()  # still nearest to k ...
+    landed = landed_prototypes(world, at_k)
+    assert landed.tolist() == [-1, k, k, k]  # ... but landed on it only within the manifold's radius
+    expected = 0.5 * (abs(0.75 - float(p[k])) + (1 - float(p[k])) + 0.25)
+    assert evaluate_samples(world, at_k, energies, ["red", "mask"])["summary"]["tv_distance"] == pytest.approx(expected)
 
 
 def test_exact_samples_reach_the_noise_floor(world, energies):

@@ -41,12 +41,19 @@ def nearest_prototypes(world: ShapesModel, x0: torch.Tensor) -> tuple[torch.Tens
     return nearest, torch.where(finite, rms, torch.full_like(rms, float("inf")))
 
 
-def tv_distance(world: ShapesModel, nearest: torch.Tensor, energies) -> float:
-    """Total variation between the histogram of the prototypes the samples land on (nearest
-    prototype of every sample, all K prototypes) and the exact conditional p(k | c) over all K.
+def landed_prototypes(world: ShapesModel, x0: torch.Tensor) -> torch.Tensor:
+    """The prototype each sample lands on: its nearest one when it is on the manifold (RMS distance
+    below ON_MANIFOLD_FACTOR * sigma0), else -1 (a sample off the manifold is no prototype's sample)."""
+    nearest, rms = nearest_prototypes(world, x0)
+    return torch.where(rms < ON_MANIFOLD_FACTOR * world.sigma0, nearest, torch.full_like(nearest, -1))
 
-    0.5 * sum_k |n_k / N - p(k | c)|; a sample that lands on no prototype (non-finite) is mass in
-    no bin, so it adds 1/(2N).  An exact sampler's N samples still give about
+
+def tv_distance(world: ShapesModel, nearest: torch.Tensor, energies) -> float:
+    """Total variation between the histogram of the prototypes the samples land on
+    (:func:`landed_prototypes`, all K prototypes) and the exact conditional p(k | c) over all K.
+
+    0.5 * sum_k |n_k / N - p(k | c)|; a sample that lands on no prototype (off the manifold or
+    non-finite) is mass in no bin, so it adds 1/(2N).  An exact sampler's N samples still give about
     0.5 * sum_k sqrt(2 p_k (1 - p_k) / (pi N)) (sampling noise): the oracle's own TV is the floor."""
     n = int(nearest.shape[0])
     if n == 0:
@@ -123,7 +130,7 @@ def evaluate_samples(world: ShapesModel, x0: torch.Tensor, energies, names: list
         "coverage": coverage,
         "tv_to_target": tv,
         # the headline: TV between all samples' prototype histogram and the exact p(k | c) over all K
-        "tv_distance": tv_distance(world, nearest_all, energies),
+        "tv_distance": tv_distance(world, landed_prototypes(world, x0), energies),
         "tv_floor": expected_tv_of_exact_sampler(world, energies, n_samples),  # an exact sampler's expected TV
         "finite": int((nearest_all >= 0).sum()),
     }
