@@ -159,6 +159,10 @@ def main(argv=None) -> int:
 
     add_experiment_parsers(sub)
 
+    from zmagic_core.app.tune_command import add_tune_parser
+
+    add_tune_parser(sub)
+
     from zmagic_core.app.ui_command import add_ui_parser
 
     add_ui_parser(sub)

@@ -110,6 +110,8 @@ class ExperimentSpec(BaseModel):
     device: Optional[str] = Field(None, description="overrides the recipe's device")
     threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads per process (not in the identity)")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    tune: Optional[dict[str, Any]] = Field(None, description="the `zmagic tune` section (checked by app/tune.py; "
+                                           "`zmagic experiment` ignores it; not in the identity)")
 
     @model_validator(mode="after")
     def _one_source_of_rows(self):
@@ -693,16 +695,17 @@ def aggregate_folder(exp: Experiment, out: Path, variant: str, row: Row, plan: C
 
 
 def run_experiment(exp: Experiment, out: Path, registry=None, progress: bool = False, evaluate: bool = True,
-                   log=print) -> Optional[dict]:
+                   log=print, builder: Optional[Builder] = None) -> Optional[dict]:
     """Pre-flight, generate this process's units, then (main process) aggregate and evaluate.
-    Returns the evaluation (main process; None elsewhere or without ``evaluate``)."""
+    Returns the evaluation (main process; None elsewhere or without ``evaluate``).  ``builder``: pass one
+    to keep loaded models across several experiments (`zmagic tune` runs one per candidate)."""
     out = Path(out)
     if exp.spec.threads:
         torch.set_num_threads(exp.spec.threads)
     device = exp.spec.device or exp.base.get("device") or "cpu"
     procs = Processes(cpu=torch.device(device).type == "cpu")
     say = log if (procs.main and log) else (lambda *a, **k: None)
-    builder = Builder()
+    builder = builder or Builder()
     plans = preflight(exp, registry, builder, device=procs.device)   # raises before anything is written
     check_experiment_folder(out, exp)
     started = time.perf_counter()
