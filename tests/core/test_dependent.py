@@ -101,10 +101,11 @@ def test_no_hessian_option_drops_exactly_the_hessian_term(setup):
     torch.testing.assert_close(plain - g1, expected_plain, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("pull", ["raw", "consistent"])
 @pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_dependent_ddim_is_jacobian_transpose_product_of_the_step(setup, eta):
+def test_dependent_ddim_is_jacobian_transpose_product_of_the_step(setup, eta, pull):
     model, conds, x, z = setup
-    solver = DDIMSolver(eta=eta)
+    solver = DDIMSolver(eta=eta, pull=pull)
     sched = Schedule(model.alphas_cumprod, 100)
     a_t, a_n = sched.abar(T), sched.abar(T_NEXT)
     gain = solver.guidance_gain(a_t, a_n)  # every energy's step size at this step carries it
@@ -178,7 +179,7 @@ def test_ddim_guidance_gain_makes_the_pull_that_of_the_ancestral_step(eta):
     """dPhi/dscore of DDIM times its gain equals the ancestral step's beta_eff, so one scale moves x_t'
     equally under both; 'raw' keeps DDIM's own coefficient; small deterministic steps give about 2."""
     sched = Schedule(linear_alphas_cumprod(), 50)
-    ddim, raw = DDIMSolver(eta=eta), DDIMSolver(eta=eta, pull="raw")
+    ddim, raw = DDIMSolver(eta=eta, pull="consistent"), DDIMSolver(eta=eta)  # raw: the default
     x, z, g = torch.randn(3, 1, 6, dtype=torch.float64).unbind(0)
     for _, t, t_next in sched.pairs():
         a_t, a_n = sched.abar(t), sched.abar(t_next)
@@ -188,4 +189,4 @@ def test_ddim_guidance_gain_makes_the_pull_that_of_the_ancestral_step(eta):
             torch.testing.assert_close(moved * ddim.guidance_gain(a_t, a_n), Schedule.beta_eff(a_t, a_n) * g)
         assert raw.guidance_gain(a_t, a_n) == 1.0
     fine = Schedule(linear_alphas_cumprod(), 1000)
-    assert 1.95 < DDIMSolver().guidance_gain(fine.abar(500), fine.abar(499)) < 2.0
+    assert 1.95 < DDIMSolver(pull="consistent").guidance_gain(fine.abar(500), fine.abar(499)) < 2.0

@@ -37,9 +37,10 @@ PULLS = ("consistent", "raw")
 class DDIMOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="0: deterministic DDIM; 1: DDPM-like noise")
-    pull: Literal["consistent", "raw"] = Field(
-        "consistent", description="consistent: energy guidance moves x_t' as far as in the ancestral step "
-                                  "(step sizes times beta_eff / (dPhi/dscore)); raw: the score is used as given")
+    pull: Literal["raw", "consistent"] = Field(
+        "raw", description="raw: the guided score is used as given (FreeDoM's guided DDIM); consistent: energy "
+                           "guidance moves x_t' as far as in the ancestral step (step sizes times beta_eff / "
+                           "(dPhi/dscore), about 2), so a scale tuned under ddpm means the same pull here")
 
 
 class DDIMSolver(Solver):
@@ -47,7 +48,7 @@ class DDIMSolver(Solver):
 
     Options = DDIMOptions
 
-    def __init__(self, eta: float = 0.0, pull: str = "consistent"):
+    def __init__(self, eta: float = 0.0, pull: str = "raw"):
         if pull not in PULLS:
             raise ValueError(f"pull must be one of {PULLS}, got {pull!r}")
         self.eta, self.pull = eta, pull
