@@ -744,6 +744,10 @@ def defaults_section(sweep: Optional[dict]) -> list[str]:
     return lines
 
 
+FLOW_NOTE = (" as a flow-matching model (`--model shapes-flow`: exact velocity, x_s = (1 - s) x0 + s eps, "
+             "sampled in VP coordinates; docs/method.md, Flow matching)")
+
+
 def page_section(args, meta: dict, scale, sweep_rows, results, scenarios, figures) -> str:
     """The page's ``quality`` section; ``meta``: the run's record in quality.json (argv, machine, date,
     wall, version, and with --combiners the labels, their descriptions and the scenarios skipped)."""
@@ -756,7 +760,8 @@ def page_section(args, meta: dict, scale, sweep_rows, results, scenarios, figure
         f"Code: {code(meta)}  ",
         f"Date: {meta.get('date') or 'not recorded'}; wall time {'not recorded' if math.isnan(wall) else f'{wall / 60:.1f} min'} (CPU shared with other jobs: compare CPU seconds within this run only).",
         "",
-        f"Setting: shapes world (32 px, K = 108 prototypes, sigma0 = 0.1), {args.steps} ancestral (DDPM) steps unless the "
+        f"Setting: shapes world{FLOW_NOTE if meta.get('model') == 'shapes-flow' else ''} (32 px, K = 108 prototypes, "
+        f"sigma0 = 0.1), {args.steps} ancestral (DDPM) steps unless the "
         f"scenario says DDIM; {args.seeds_sets} seed sets of {len(seed_sets(args.samples, args.seeds_sets)[0])} samples "
         f"each (seeds 0.., 1000.., 2000.., ...; the same seeds for every method), so {args.samples // args.seeds_sets * args.seeds_sets} "
         "samples per method and scenario. Figures in tables: mean over the seed sets [min, max over the seed sets]. "
