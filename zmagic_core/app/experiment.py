@@ -131,14 +131,20 @@ class ExperimentSpec(BaseModel):
         return value
 
 
-def _one_line(exc: ValidationError, where: str) -> str:
+def validation_line(exc: ValidationError, root: str = "") -> str:
+    """A pydantic error as one line: every failing field with its message and value; ``root``
+    prefixes each field path (e.g. "tune")."""
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "experiment"
+        loc = ".".join([root] * bool(root) + [str(p) for p in err["loc"]]) or "experiment"
         value = err.get("input")
         shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
-        parts.append(f"{loc}: {err['msg']}{shown}")
-    return f"invalid experiment {where}: " + "; ".join(parts)
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}{shown}")
+    return "; ".join(parts)
+
+
+def _one_line(exc: ValidationError, where: str) -> str:
+    return f"invalid experiment {where}: " + validation_line(exc)
 
 
 @dataclass

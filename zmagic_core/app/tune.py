@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from zmagic_core.app.evaluation import bootstrap, row_result
 from zmagic_core.app.experiment import (MARKER, Builder, EvaluationSpec, Experiment, Processes, Row, VariantSpec,
-                                        read_experiment, run_experiment)
+                                        read_experiment, run_experiment, validation_line)
 from zmagic_core.app.identity import identity_hash
 from zmagic_core.app.runner import RECORD, _read_json
 from zmagic_core.contracts.errors import ConfigError
@@ -218,13 +218,7 @@ class TuneSpec(BaseModel):
 
 
 def _one_line(exc: ValidationError, where: str) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "tune"
-        value = err.get("input")
-        shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
-        parts.append(f"tune.{loc}: {err['msg'].removeprefix('Value error, ')}{shown}")
-    return f"invalid tune section in {where}: " + "; ".join(parts)
+    return f"invalid tune section in {where}: " + validation_line(exc, "tune")
 
 
 # -- strategies ----------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ the straight path x_s = (1 - s) x0 + s eps, and the sampler sees the VP point x_
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from zmagic_core.files.weights import hub_offline
 from zmagic_core.models.pretrained.loading import (fp32, load_checkpoint_into, load_pretrained, parse_dtype,
                                                   require_modules, resolve_device, resolve_source)
 from zmagic_core.models.pretrained.stable_diffusion import (PromptCondition, StableDiffusionModel,
-                                                           StableDiffusionOptions)
+                                                           StableDiffusionOptions, prompt_clone)
 
 DEFAULT_IDS = {"sd3": "stabilityai/stable-diffusion-3.5-medium", "flux": "black-forest-labs/FLUX.1-dev"}
 FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
@@ -176,12 +175,8 @@ class FlowTransformerModel(FlowModel):
                     guidance_scale: Optional[float] = None) -> "FlowTransformerModel":
         """The same networks (shared) with new prompt embeddings; needs ``keep_text_encoder``.
         ``guidance_scale`` means what the option does: SD3's CFG w, FLUX's embedded guidance."""
-        if self.prompt_encoder is None:
-            raise ConfigError("this model was built without its text encoders, so its prompt is fixed; build it "
-                              "with keep_text_encoder=True to change the prompt between runs")
         device = self.alphas_cumprod.device
-        clone = copy.copy(self)
-        clone._buffers = dict(self._buffers)  # own buffer table: the original keeps its embeddings
+        clone = prompt_clone(self)
         needs_uncond = self.cfg or prompt is None
         clone._set_text("uncond", self.prompt_encoder.encode(negative_prompt or "", device) if needs_uncond else None)
         clone._set_text("cond", self.prompt_encoder.encode(prompt, device) if prompt is not None else None)

@@ -74,6 +74,17 @@ class PromptCondition(Condition):
         return rms(eps_c - ev.eps)
 
 
+def prompt_clone(model):
+    """A shallow copy sharing the networks, with its own buffer table (the original keeps its prompt
+    embeddings); only a model built with its text encoder(s) can take a new prompt."""
+    if model.prompt_encoder is None:
+        raise ConfigError("this model was built without its text encoder(s), so its prompt is fixed; build it "
+                          "with keep_text_encoder=True to change the prompt between runs")
+    clone = copy.copy(model)
+    clone._buffers = dict(model._buffers)
+    return clone
+
+
 class StableDiffusionModel(DiffusionModel):
     """Latent eps(x_t, t) with the unconditional (negative-prompt) embedding; see the module doc."""
 
@@ -125,12 +136,8 @@ class StableDiffusionModel(DiffusionModel):
                     guidance_scale: Optional[float] = None) -> "StableDiffusionModel":
         """The same networks (shared, not copied) with new prompt embeddings, for scripts that change
         the prompt between runs; needs the text encoder(s) kept at build time."""
-        if self.prompt_encoder is None:
-            raise ConfigError("this model was built without its text encoder, so its prompt is fixed; build it "
-                              "with keep_text_encoder=True to change the prompt between runs")
         device = self.uncond_embedding.device
-        clone = copy.copy(self)
-        clone._buffers = dict(self._buffers)  # own buffer table: the original keeps its embeddings
+        clone = prompt_clone(self)
         clone._set_text("uncond", self.prompt_encoder.unconditional(negative_prompt, device))
         clone._set_text("cond", self.prompt_encoder.encode(prompt, device) if prompt is not None else None)
         clone.prompt = prompt
