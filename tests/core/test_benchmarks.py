@@ -352,6 +352,7 @@ def test_docs_quality_section_is_what_replot_writes():
                "joint": "joint_satisfaction.png", "cosine_conditions": "cosine_conditions.png",
                "cosine_exact": "cosine_exact.png"}
     text = quality.page_section(args, meta, saved["scale"], saved["sweep"], saved["results"], scenarios, figures)
+    text += "\n".join([""] + quality.tuned_section(saved.get("tuned"), saved["results"], saved["scale"]))
     page = (docs / "benchmarks.md").read_text()
     section = page.split("<!-- quality:begin -->\n")[1].split("<!-- quality:end -->")[0]
     assert re.sub(r"\nFigures and this section re-drawn on .*\n", "", section).strip() == text.strip()
