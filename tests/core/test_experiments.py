@@ -70,7 +70,7 @@ def one_line_error(capsys) -> str:
     ({"samples_per_row": 0}, "samples_per_row: Input should be greater than or equal to 1 (got 0)"),
     ({"variants": [{"name": "a b"}]}, "variants.0.name: String should match pattern"),
     ({"variants": [{"name": "x"}, {"name": "x"}]}, "variant names must be unique; repeated: x"),
-    ({"manifest": "rows.txt"}, "manifest: Value error, manifest must be a .jsonl or .csv file"),
+    ({"manifest": "rows.txt"}, "manifest: manifest must be a .jsonl or .csv file"),
     ({"colour": 1}, "colour: Extra inputs are not permitted"),
     ({"rows_": [{"conditions.0.value": "red", "not a path": 1}]}, "rows.jsonl line 1: 'not a path' is not a recipe path"),
     ({"rows_": [{"seeds": [1]}]}, "rows.jsonl line 1: seeds lists 1 seeds, the experiment needs 3"),

@@ -272,7 +272,9 @@ def test_dependent_ddpm_on_the_flow_world_is_the_steps_jacobian(flow_setup):
 
 # -- (d) end to end through recipes, and the oracle ---------------------------------------------------
 def recipe(combiner, solver, steps=20, samples=4):
-    return {"model": {"kind": "shapes-flow", "size": 8}, "solver": {"kind": solver, "steps": steps},
+    # the scales are ddpm's; ddim takes them with the ancestral step's pull (its `pull: consistent`)
+    options = {"pull": "consistent"} if solver == "ddim" else {}
+    return {"model": {"kind": "shapes-flow", "size": 8}, "solver": {"kind": solver, "steps": steps, **options},
             "combiner": {"kind": combiner},
             "conditions": [{"kind": "shapes-attribute", "name": "red", "attribute": "color", "value": "red",
                             "scale": 0.25},
