@@ -409,7 +409,7 @@ def describe_plan(plan: CheckedRecipe) -> list[str]:
 
 
 # -- building ---------------------------------------------------------------------------------------
-def _check_built_model(plan: CheckedRecipe, model: Any) -> None:
+def check_built_model(plan: CheckedRecipe, model: Any) -> None:
     """What only the built model knows: its T against steps and windows; whether it honours the dtype."""
     recipe = plan.recipe
     alphas = getattr(model, "alphas_cumprod", None)
@@ -436,7 +436,7 @@ def build_pipeline(recipe: Union[Recipe, CheckedRecipe, str, Path, dict], regist
     context = BuildContext(device=torch.device(recipe.device), dtype=DTYPES[recipe.dtype], seed=recipe.seed)
     # 1. the base model first: energies may need it (the shapes energies read its world)
     context.model = plan.built("model", context)
-    _check_built_model(plan, context.model)
+    check_built_model(plan, context.model)
     # 2. the step map and the combiner
     solver, combiner = plan.built("solver", context), plan.built("combiner", context)
     # 3. the recipe's conditions, in order (order matters for `dependent`)

@@ -13,9 +13,9 @@ same registry and checks as a recipe (:mod:`zmagic_core.assembly.build`), so a b
 same one-line error.
 
 Supported pipelines: ``PIPELINE_KINDS`` maps a diffusers pipeline class name to (model kind,
-builder(components, options, device) -> model).  A new kind adds one line there, e.g.
-``"FluxPipeline": ("flow-transformer", flux_from_components)``; ``from_pretrained`` reads the
-class name from model_index.json's ``_class_name`` to pick the kind.
+builder(components, options, device) -> model).  A new kind adds one line there (a class name,
+its kind and a ``*_from_components`` builder); ``from_pretrained`` reads the class name from
+model_index.json's ``_class_name`` to pick the kind.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from zmagic_core.assembly.build import CheckedRecipe, _check_built_model, check_recipe
+from zmagic_core.assembly.build import CheckedRecipe, check_built_model, check_recipe
 from zmagic_core.assembly.recipe import read_recipe
 from zmagic_core.contracts.components import BuildContext, Combiner
 from zmagic_core.contracts.errors import ConfigError, WeightsNotFoundError
@@ -150,7 +150,7 @@ class ZMagicPipeline:
         plan = check_recipe(read_recipe({"model": {"kind": kind, **options}, "device": device,
                                                    "dtype": dtype}))
         built = plan.built("model", BuildContext(device=torch.device(device), dtype=_torch_dtype(dtype)))
-        _check_built_model(plan, built)
+        check_built_model(plan, built)
         return cls(built, kind, options, device, dtype)
 
     @classmethod
@@ -192,7 +192,7 @@ class ZMagicPipeline:
         plan = self._plan(prompt, conditions, combiner, solver, steps, seeds, num_images, seed, batch_size)
         recipe = plan.recipe
         context = BuildContext(device=self.device, dtype=_torch_dtype(self.dtype), seed=recipe.seed, model=model)
-        _check_built_model(plan, model)
+        check_built_model(plan, model)
         built_solver = plan.built("solver", context)
         built_combiner = combiner if isinstance(combiner, Combiner) else plan.built("combiner", context)
         specs = iter(enumerate(recipe.conditions))
