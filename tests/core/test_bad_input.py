@@ -34,6 +34,7 @@ from zmagic_core.contracts.options import FilePath, PathOrName
 from zmagic_core.files.images import MAX_PIXELS, load_image
 from zmagic_core.models.shapes.world import ShapesModel
 from zmagic_core.plugins.registry import Registry
+from zmagic_core.testing import FakeDist, FakeEntryPoint
 
 BASE = {
     "model": {"kind": "shapes", "size": 8},
@@ -426,22 +427,6 @@ def test_a_dict_recipe_with_a_cycle_or_objects_is_refused():
 
 
 # == D: plugins ==============================================================================
-class FakeEntryPoint:
-    def __init__(self, name, module):
-        self.name, self.group, self.module = name, "zmagic", module
-
-    def load(self):
-        if isinstance(self.module, BaseException):
-            raise self.module
-        return self.module
-
-
-class FakeDist:
-    def __init__(self, name, version, eps):
-        self.metadata = {"Name": name}
-        self.version = version
-        self.entry_points = eps
-
 
 class Boom(BaseException):
     """A BaseException that is neither Exception nor KeyboardInterrupt."""

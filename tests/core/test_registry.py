@@ -9,23 +9,7 @@ import zmagic_core.plugins.builtin  # noqa: F401  (imported before distributions
 from zmagic_core.contracts.errors import ContestedComponentError, UnknownComponentError
 from zmagic_core.contracts.hookspecs import hookimpl
 from zmagic_core.plugins.registry import Registry
-
-
-class FakeEntryPoint:
-    def __init__(self, name, module):
-        self.name, self.group, self.module = name, "zmagic", module
-
-    def load(self):
-        if isinstance(self.module, Exception):
-            raise self.module
-        return self.module
-
-
-class FakeDist:
-    def __init__(self, name, version, eps):
-        self.metadata = {"Name": name}
-        self.version = version
-        self.entry_points = eps
+from zmagic_core.testing import FakeDist, FakeEntryPoint
 
 
 def plugin_module(name, energy_names=(), solver_names=(), fail=False):
