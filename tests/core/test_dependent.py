@@ -8,7 +8,7 @@ from torch.autograd.functional import hessian, jacobian
 from zmagic_core.method.combiners import CAGradCombiner, DependentCombiner, SumCombiner
 from zmagic_core.method.guidance import Condition, GuidanceStep
 from zmagic_core.method.schedule import Schedule, linear_alphas_cumprod
-from zmagic_core.method.solvers import DDIMSolver, DDPMSolver
+from zmagic_core.method.solvers import MATCHED_GAIN, DDIMSolver, DDPMSolver
 
 T, T_NEXT = 500, 490
 # The paper's exact update: the vector-Jacobian product by autograd, no bound on the Hessian term.
@@ -101,7 +101,7 @@ def test_no_hessian_option_drops_exactly_the_hessian_term(setup):
     torch.testing.assert_close(plain - g1, expected_plain, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("pull", ["raw", "consistent"])
+@pytest.mark.parametrize("pull", ["raw", "consistent", "matched"])
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 def test_dependent_ddim_is_jacobian_transpose_product_of_the_step(setup, eta, pull):
     model, conds, x, z = setup
@@ -176,10 +176,12 @@ def test_cap_bounds_the_conditional_term_and_none_is_the_paper(setup):
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_ddim_guidance_gain_makes_the_pull_that_of_the_ancestral_step(eta):
-    """dPhi/dscore of DDIM times its gain equals the ancestral step's beta_eff, so one scale moves x_t'
-    equally under both; 'raw' keeps DDIM's own coefficient; small deterministic steps give about 2."""
+    """dPhi/dscore of DDIM times its 'consistent' gain equals the ancestral step's beta_eff, so one scale moves
+    x_t' equally under both; 'raw' keeps DDIM's own coefficient; small deterministic steps give about 2;
+    'matched' (the default) is MATCHED_GAIN at eta = 0 and moves to 'consistent' with the step's noise."""
     sched = Schedule(linear_alphas_cumprod(), 50)
-    ddim, raw = DDIMSolver(eta=eta, pull="consistent"), DDIMSolver(eta=eta)  # raw: the default
+    ddim, raw = DDIMSolver(eta=eta, pull="consistent"), DDIMSolver(eta=eta, pull="raw")
+    matched = DDIMSolver(eta=eta)
     x, z, g = torch.randn(3, 1, 6, dtype=torch.float64).unbind(0)
     for _, t, t_next in sched.pairs():
         a_t, a_n = sched.abar(t), sched.abar(t_next)
@@ -187,6 +189,12 @@ def test_ddim_guidance_gain_makes_the_pull_that_of_the_ancestral_step(eta):
         torch.testing.assert_close(moved, ddim.score_coefficient(a_t, a_n) * g)
         if t_next >= 0:  # the final step ends on x0 either way
             torch.testing.assert_close(moved * ddim.guidance_gain(a_t, a_n), Schedule.beta_eff(a_t, a_n) * g)
+            sigma = float((ddim.step(x, g, z, a_t, a_n) - ddim.step(x, g, torch.zeros_like(z), a_t, a_n)).norm() / z.norm())
+            nu = min(sigma / Schedule.beta_eff(a_t, a_n) ** 0.5, 1.0)
+            want = MATCHED_GAIN + (ddim.guidance_gain(a_t, a_n) - MATCHED_GAIN) * nu
+            assert matched.guidance_gain(a_t, a_n) == pytest.approx(want, rel=1e-6)
         assert raw.guidance_gain(a_t, a_n) == 1.0
+    if eta == 0.0:
+        assert matched.guidance_gain(0.5, 0.6) == MATCHED_GAIN
     fine = Schedule(linear_alphas_cumprod(), 1000)
     assert 1.95 < DDIMSolver(pull="consistent").guidance_gain(fine.abar(500), fine.abar(499)) < 2.0

@@ -180,3 +180,53 @@ def test_cagrad_stack_limits_the_points_per_call_without_changing_g(world):
             for s in (None, 1, 4)]
     for r in runs[1:]:
         torch.testing.assert_close(r.samples, runs[0].samples, rtol=1e-5, atol=1e-5)
+
+
+def test_weighted_cagrad_is_exact_for_its_weights(mixture_step, tiny_energies):
+    """The weighted path (one product per first condition) equals sum_p alpha_p (g_i + J_Phi_i^T g_tilde_ij)
+    built from the full Jacobian of each step map (torch.autograd.functional), with alpha the CAGrad
+    coefficients of the surrogate pair gradients g_i + (dPhi/dx) g_tilde_ij."""
+    from zmagic_core.method.cagrad import cagrad_coefficients
+    from zmagic_core.method.combiners import step_x_coefficient
+
+    third = type(tiny_energies[0])([0.1, 0.2, -0.3, 0.0, 0.4, -0.1], 2.0)
+    conds = [Condition("a", tiny_energies[0], "fixed", 2.0), Condition("b", tiny_energies[1], "fixed", 3.0),
+             Condition("c", third, "fixed", 1.0)]
+    for solver in (DDPMSolver(), DDIMSolver(0.0)):
+        step = mixture_step(solver, t=400, t_next=390, conditions=conds, batch=2)
+        combiner = CAGradCombiner(c=0.5, bound="none", pair_products="weighted")
+        assert combiner.weighted(3) and not combiner.weighted(2)
+        assert not CAGradCombiner().weighted(3)  # the default: a product per pair
+        got = combiner.combine(step()).guidance
+        s = step()
+        ev = s.base()
+        a = step_x_coefficient(s)
+        want = torch.zeros_like(got)
+        for b in range(got.shape[0]):
+            x_b = s.x[b:b + 1]
+            rows, surrogate = [], []
+            for i in range(3):
+                def phi_i(x, i=i):  # the step map of first condition i, rho_i held at its value at x_t
+                    e = evaluate_at(s, x, i, ev.rhos[i][b:b + 1])
+                    return s.solver.step(x, e[0] + e[1], s.z[b:b + 1], s.abar_t, s.abar_next)
+                jac = torch.autograd.functional.jacobian(phi_i, x_b).reshape(6, 6)
+                x_hat = phi_i(x_b).detach()
+                for j in (k for k in range(3) if k != i):
+                    tilde = s.evaluate(x_hat, "t_next", [j]).grads[0]
+                    rows.append(ev.grads[i][b:b + 1] + tilde @ jac)  # J^T g_tilde (row vector form)
+                    surrogate.append(ev.grads[i][b:b + 1] + a * tilde)
+            alpha, _ = cagrad_coefficients(torch.cat(surrogate).double()[None], 0.5, combiner.rescale)
+            want[b] = (alpha[0][:, None].float() * torch.cat(rows)).sum(0)
+        assert (relative_error(got, want) < 1e-2).all(), relative_error(got, want)
+
+
+def evaluate_at(step, x, i, rho):
+    """(score, g_i) at x (differentiable), rho_i held: the maths of the step map of condition i."""
+    from zmagic_core.method.predictions import score_from_eps
+    model, cond = step.model, step.conditions[i]
+    x = x if x.requires_grad else x.detach().requires_grad_(True)
+    prediction = model.predict(x, step.t)
+    score = score_from_eps(prediction.eps, step.abar_t)
+    energy = cond.energy(model.decode(prediction.x0))
+    (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=True)
+    return score, -rho.view(-1, 1) * grad
