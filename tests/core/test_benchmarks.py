@@ -362,3 +362,38 @@ def test_docs_quality_section_is_what_replot_writes():
     section = page.split("<!-- quality:begin -->\n")[1].split("<!-- quality:end -->")[0]
     assert re.sub(r"\nFigures and this section re-drawn on .*\n", "", section).strip() == text.strip()
     assert len(linked_figures(section, docs)) == len(scenarios) + 3
+
+
+def test_ddim_pull_script_writes_its_report_and_calibrates_by_the_least_gap(tmp_path, monkeypatch):
+    """benchmarks/ddim_pull.py (the calibration of DDIM's default pull): the report runs end to end on a
+    few samples; the calibration picks the factor with the least mean |TV(DDIM-50) - TV(DDPM-100)|, ties to
+    the smaller one; its candidates include the solver's MATCHED_GAIN."""
+    import argparse
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    from zmagic_core.method.solvers import MATCHED_GAIN, DDIMSolver
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "ddim_pull.py"
+    out = tmp_path / "ddim.json"
+    done = subprocess.run([sys.executable, str(script), "--part", "report", "--sets", "1", "--samples", "2",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(out.read_text())["report"]) == {
+        f"{m} | {c}" for m in ("sum", "dep 1>2") for c in ("ddpm-100", "ddim-50 raw", "ddim-50 consistent", "ddim-50 matched")}
+
+    spec = importlib.util.spec_from_file_location("ddim_pull", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert MATCHED_GAIN in module.FACTORS and DDIMSolver().guidance_gain(0.3, 0.4) == MATCHED_GAIN
+
+    def fake_tv(world, conditions, method, solver, steps, scale, seeds):  # DDPM at 0.5; DDIM equal to it at 0.2, 0.25
+        if isinstance(solver, module.FactorDDIM):
+            return (0.5 if solver.factor in (0.2, 0.25) else 0.5 + solver.factor), 1.0
+        return 0.5, 1.0
+
+    monkeypatch.setattr(module, "tv", fake_tv)
+    found = module.calibrate(None, argparse.Namespace(sets=1, samples=2, scale=0.5), lambda msg: None)
+    assert found["chosen"] == 0.2 and found["mean_gap"]["0.25"] == 0.0
