@@ -95,10 +95,7 @@ def step_noise_fraction(step: GuidanceStep) -> float:
     """sigma_step / sqrt(beta_eff): the noise the step injects, relative to the ancestral step's (1 for
     DDPM and the PC predictor, 0 for deterministic DDIM, in between for DDIM(eta)).  Read off the solver
     map itself: Phi(0, 0, 1) - Phi(0, 0, 0)."""
-    one = torch.ones(1, dtype=torch.float64)
-    zero = torch.zeros(1, dtype=torch.float64)
-    sigma = float(step.solver.step(zero, zero, one, step.abar_t, step.abar_next)
-                  - step.solver.step(zero, zero, zero, step.abar_t, step.abar_next))
+    sigma = _step_coefficient(step, noise=1.0)
     beta = 1.0 - step.abar_t / step.abar_next
     return min(max(sigma, 0.0) / beta**0.5, 1.0) if beta > 0 else 0.0
 
@@ -179,10 +176,14 @@ def _directional_derivatives(step, ev, jobs, hessian, fd_step, stack=None):
 
 def step_x_coefficient(step: GuidanceStep) -> float:
     """dPhi/dx_t at a fixed score (the step map's x part, a scalar): Phi(1, 0, 0) - Phi(0, 0, 0)."""
-    one = torch.ones(1, dtype=torch.float64)
+    return _step_coefficient(step, x=1.0)
+
+
+def _step_coefficient(step: GuidanceStep, x: float = 0.0, noise: float = 0.0) -> float:
+    """Phi(x, 0, noise) - Phi(0, 0, 0) at this step, in float64: a coefficient of the (affine) step map."""
     zero = torch.zeros(1, dtype=torch.float64)
-    return float(step.solver.step(one, zero, zero, step.abar_t, step.abar_next)
-                 - step.solver.step(zero, zero, zero, step.abar_t, step.abar_next))
+    moved = step.solver.step(zero + x, zero, zero + noise, step.abar_t, step.abar_next)
+    return float(moved - step.solver.step(zero, zero, zero, step.abar_t, step.abar_next))
 
 
 def _capped(v: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
