@@ -88,32 +88,24 @@ def cagrad_weights(gram: np.ndarray, c: float) -> np.ndarray:
     return cagrad_weights_batch(gram[None], c)[0]
 
 
-def cagrad_coefficients(grads: torch.Tensor, c: float, rescale: str = "none") -> tuple[torch.Tensor, np.ndarray]:
-    """CAGrad's direction as a combination of the rows: grads (B, m, D) -> (alpha (B, m), w* (B, m))
-    with d_b = sum_p alpha_bp grads_bp (alpha = (1/m + sqrt(phi)/||g_w|| w*) times the rescaling)."""
-    g = grads.detach().double()
-    batch, m = g.shape[:2]
-    alpha = torch.full((batch, m), 1.0 / m, dtype=g.dtype, device=g.device)
-    if c == 0.0:
-        w = np.full((batch, m), 1.0 / m)
-    else:
-        w = cagrad_weights_batch((g @ g.transpose(1, 2)).cpu().numpy(), c)
-        w_t = torch.as_tensor(w, dtype=g.dtype, device=g.device)
-        gw_norm = torch.einsum("bm,bmd->bd", w_t, g).norm(dim=1, keepdim=True)
-        step = torch.where(gw_norm > 1e-30, c * g.mean(dim=1).norm(dim=1, keepdim=True) / gw_norm.clamp_min(1e-30),
-                           torch.zeros_like(gw_norm))
-        alpha = alpha + step * w_t
-    if rescale == "1/(1+c^2)":
-        alpha = alpha / (1.0 + c**2)
-    elif rescale == "1/(1+c)":
-        alpha = alpha / (1.0 + c)
-    return alpha, w
-
-
 def cagrad_directions(grads: torch.Tensor, c: float, rescale: str = "none") -> tuple[torch.Tensor, np.ndarray]:
     """CAGrad's direction for every sample: grads (B, m, D) -> (d (B, D), w* (B, m))."""
-    alpha, w = cagrad_coefficients(grads, c, rescale)
-    d = torch.einsum("bm,bmd->bd", alpha, grads.detach().double())
+    g = grads.detach().double()
+    batch, m = g.shape[:2]
+    g0 = g.mean(dim=1)
+    if c == 0.0:
+        d, w = g0, np.full((batch, m), 1.0 / m)
+    else:
+        w = cagrad_weights_batch((g @ g.transpose(1, 2)).cpu().numpy(), c)
+        gw = torch.einsum("bm,bmd->bd", torch.as_tensor(w, dtype=g.dtype, device=g.device), g)
+        gw_norm = gw.norm(dim=1, keepdim=True)
+        step = torch.where(gw_norm > 1e-30, c * g0.norm(dim=1, keepdim=True) / gw_norm.clamp_min(1e-30),
+                           torch.zeros_like(gw_norm))
+        d = g0 + step * gw
+    if rescale == "1/(1+c^2)":
+        d = d / (1.0 + c**2)
+    elif rescale == "1/(1+c)":
+        d = d / (1.0 + c)
     return d.to(grads.dtype), w
 
 

@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from zmagic_core.method.cagrad import cagrad_coefficients, cagrad_directions
+from zmagic_core.method.cagrad import cagrad_directions
 from zmagic_core.contracts.components import Combined, Combiner
 from zmagic_core.method.guidance import Evaluation, GuidanceStep, evaluate_points
 
@@ -18,7 +18,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 PRODUCTS = ("difference", "autograd")
-PAIR_PRODUCTS = ("each", "weighted")
 DEFAULT_PRODUCT = "difference"
 FD_STEP = 1e-3  # relative step of the forward difference: h ||v|| = FD_STEP ||x_t|| (docs/method.md)
 DEFAULT_BOUND = 1.0  # trust region of the Hessian term: ||H-term|| <= DEFAULT_BOUND ||g_tilde|| (docs/method.md)
@@ -74,28 +73,32 @@ def pair_conditional_gradients(step: GuidanceStep, ev: Evaluation, plan: list[tu
         parts = _difference_products(step, ev, plan, hessian, level, fd_step, stack)
     bounded = torch.zeros(ev.x.shape[0], device=ev.x.device)
     trust = None if bound is None else bound * step_noise_fraction(step)
-    out = [[_limited(tilde, plain, h_term, trust, cap, bounded) for tilde, plain, h_term in terms] for terms in parts]
+    out = []
+    for terms in parts:
+        row = []
+        for tilde, plain, h_term in terms:
+            if h_term is not None and trust is not None:
+                limit = trust * _per_sample(tilde)
+                bounded += (_per_sample(h_term) > limit).float()
+                h_term = _capped(h_term, limit)
+            g = plain if h_term is None else plain + h_term
+            if cap is not None:
+                g = _capped(g, cap * _per_sample(tilde))
+            row.append(g)
+        out.append(row)
     if info is not None and bound is not None:
         info["bounded"] = bounded  # per sample: how many pairs had their Hessian term cut by the bound
     return out
-
-
-def _limited(tilde, plain, h_term, trust, cap, bounded):
-    """plain + H-term, the H-term cut to trust * ||tilde|| and the sum to cap * ||tilde|| per sample
-    (None: no limit); ``bounded`` counts, per sample, the terms the trust region cut."""
-    if h_term is not None and trust is not None:
-        limit = trust * _per_sample(tilde)
-        bounded += (_per_sample(h_term) > limit).float()
-        h_term = _capped(h_term, limit)
-    g = plain if h_term is None else plain + h_term
-    return g if cap is None else _capped(g, cap * _per_sample(tilde))
 
 
 def step_noise_fraction(step: GuidanceStep) -> float:
     """sigma_step / sqrt(beta_eff): the noise the step injects, relative to the ancestral step's (1 for
     DDPM and the PC predictor, 0 for deterministic DDIM, in between for DDIM(eta)).  Read off the solver
     map itself: Phi(0, 0, 1) - Phi(0, 0, 0)."""
-    sigma = _step_coefficient(step, noise=1.0)
+    one = torch.ones(1, dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    sigma = float(step.solver.step(zero, zero, one, step.abar_t, step.abar_next)
+                  - step.solver.step(zero, zero, zero, step.abar_t, step.abar_next))
     beta = 1.0 - step.abar_t / step.abar_next
     return min(max(sigma, 0.0) / beta**0.5, 1.0) if beta > 0 else 0.0
 
@@ -128,62 +131,33 @@ def _difference_products(step, ev, plan, hessian, level, fd_step, stack=None):
     fd_step ||x|| per sample, s and g_i at x + h v from one network pass (rho_i held at its value
     at x_t).  The differences of Phi are taken in float64 (the x part is then exact); ``term``
     moves s only, the H-term moves g_i only."""
-    at_hat = _tildes(step, ev, plan, level, stack)
-    jobs = [(k, i, g) for k, ((i, _), e) in enumerate(zip(plan, at_hat)) for g in e.grads]
-    out: list[list] = [[] for _ in plan]
-    for (k, _, v), (term, h_term) in zip(jobs, _directional_derivatives(step, ev, [(i, v) for _, i, v in jobs],
-                                                                         hessian, fd_step, stack)):
-        out[k].append((v, term, h_term))
-    return out
-
-
-def _tildes(step, ev, plan, level, stack=None):
-    """The evaluations at every x_hat_i = Phi(x_t, s + g_i) (level t or t'), with g_tilde_j of its seconds
-    j: every x_hat_i through one stacked network call, one backward per round of second conditions."""
     x = ev.x.detach()
     t_hat, abar_hat = step.level(level)
     x_hats = [step.phi(x, ev.score.detach() + ev.grads[i].detach()).detach() for i, _ in plan]
-    return evaluate_points(step.model, x_hats, t_hat, abar_hat, [[step.conditions[j] for j in js] for _, js in plan],
-                           stack=stack, gain=step.gain)
-
-
-def _directional_derivatives(step, ev, jobs, hessian, fd_step, stack=None):
-    """[(term, H-term or None)] = J_Phi_i v split in two, for each (first condition i, direction v), by
-    one forward difference each (every difference point through one stacked network call)."""
-    x = ev.x.detach()
+    at_hat = evaluate_points(step.model, x_hats, t_hat, abar_hat, [[step.conditions[j] for j in js] for _, js in plan],
+                             stack=stack, gain=step.gain)
+    jobs = [(k, i, g) for k, ((i, _), e) in enumerate(zip(plan, at_hat)) for g in e.grads]
     x_norm = _per_sample(x)
-    steps = [_col(fd_step * x_norm / _per_sample(v).clamp_min(1e-30), x.ndim) for _, v in jobs]
-    points = [x + h * v for h, (_, v) in zip(steps, jobs)]
+    steps = [_col(fd_step * x_norm / _per_sample(v).clamp_min(1e-30), x.ndim) for _, _, v in jobs]
+    points = [x + h * v for h, (_, _, v) in zip(steps, jobs)]
     at_points = evaluate_points(step.model, points, step.t, step.abar_t,
-                                [[step.conditions[i]] if hessian else [] for i, _ in jobs],
-                                [[ev.rhos[i]] if hessian else [] for i, _ in jobs], stack=stack, gain=step.gain)
+                                [[step.conditions[i]] if hessian else [] for _, i, _ in jobs],
+                                [[ev.rhos[i]] if hessian else [] for _, i, _ in jobs], stack=stack, gain=step.gain)
     f64 = torch.float64
     z, s0 = step.z.to(f64), ev.score.detach().to(f64)
 
     def phi(point, score):
         return step.solver.step(point.to(f64), score, z, step.abar_t, step.abar_next)
 
-    bases = {i: phi(x, s0 + ev.grads[i].detach().to(f64)) for i in {i for i, _ in jobs}}
-    out = []
-    for (i, _), h, point, e in zip(jobs, steps, points, at_points):
+    bases = {i: phi(x, s0 + ev.grads[i].detach().to(f64)) for i, _ in plan}
+    out: list[list] = [[] for _ in plan]
+    for (k, i, v), h, point, e in zip(jobs, steps, points, at_points):
         h64, g0 = h.to(f64), ev.grads[i].detach().to(f64)
         moved = phi(point, e.score.to(f64) + g0)
         term = ((moved - bases[i]) / h64).to(x.dtype)
         h_term = ((phi(point, e.score.to(f64) + e.grads[0].to(f64)) - moved) / h64).to(x.dtype) if hessian else None
-        out.append((term, h_term))
+        out[k].append((v, term, h_term))
     return out
-
-
-def step_x_coefficient(step: GuidanceStep) -> float:
-    """dPhi/dx_t at a fixed score (the step map's x part, a scalar): Phi(1, 0, 0) - Phi(0, 0, 0)."""
-    return _step_coefficient(step, x=1.0)
-
-
-def _step_coefficient(step: GuidanceStep, x: float = 0.0, noise: float = 0.0) -> float:
-    """Phi(x, 0, noise) - Phi(0, 0, 0) at this step, in float64: a coefficient of the (affine) step map."""
-    zero = torch.zeros(1, dtype=torch.float64)
-    moved = step.solver.step(zero + x, zero, zero + noise, step.abar_t, step.abar_next)
-    return float(moved - step.solver.step(zero, zero, zero, step.abar_t, step.abar_next))
 
 
 def _capped(v: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
@@ -293,11 +267,6 @@ class CAGradOptions(_ConditionalOptions):
         "difference product: at most this many points per stacked network call (memory grows with the "
         "stack, n(n-1) points for the pairs); None = all in one call"))
     c: float = Field(0.5, ge=0.0, lt=1.0, description="radius of the conflict-averse ball, c in [0, 1)")
-    pair_products: Literal["each", "weighted"] = Field("each", description=(
-        "'each' (default): the step map's product for every ordered pair (n(n-1) difference points); 'weighted' "
-        "(difference product only): the weights solved on surrogate pair gradients g_i + (dPhi/dx) g_tilde_ij, "
-        "then the weighted conditional terms through the step map once per first condition (n points; exact for "
-        "those weights; cheaper for n >= 3, docs/method.md)"))
     rescale: Literal["none", "1/(1+c^2)", "1/(1+c)"] = Field(DEFAULT_RESCALE, description=(
         "rescaling of the direction: '1/(1+c^2)' (default) as CAGrad's published code; '1/(1+c)' keeps "
         "||G|| <= ||mean of the pair gradients|| (docs/method.md); 'none' is the paper's"))
@@ -314,21 +283,11 @@ class CAGradCombiner(Combiner):
 
     def __init__(self, c: float = 0.5, rescale: str = DEFAULT_RESCALE, hessian: bool = True, level: str = "t_next",
                  cap: Optional[float] = None, product: str = DEFAULT_PRODUCT, fd_step: float = FD_STEP,
-                 bound=DEFAULT_BOUND, stack: Optional[int] = None, pair_products: str = "each"):
+                 bound=DEFAULT_BOUND, stack: Optional[int] = None):
         if product not in PRODUCTS:
             raise ValueError(f"unknown product {product!r}; expected one of {PRODUCTS}")
-        if pair_products not in PAIR_PRODUCTS:
-            raise ValueError(f"unknown pair_products {pair_products!r}; expected one of {PAIR_PRODUCTS}")
-        if pair_products == "weighted" and product != "difference":
-            raise ValueError("pair_products 'weighted' needs product 'difference'")
         self.c, self.rescale, self.hessian, self.level, self.cap = c, rescale, hessian, level, cap
         self.product, self.fd_step, self.bound, self.stack = product, fd_step, _bound(bound), stack
-        self.pair_products = pair_products
-
-    def weighted(self, n: int) -> bool:
-        """Whether n conditions take the weighted path (one product per first condition; for n = 2 each first
-        condition has one pair, so the exact path costs the same)."""
-        return self.pair_products == "weighted" and n >= 3
 
     def pair_gradients(self, step, info: Optional[dict] = None) -> tuple[list[tuple[int, int]], torch.Tensor]:
         """All ordered pairs (i, j) and their gradients, shape (m, B, ...)."""
@@ -350,38 +309,8 @@ class CAGradCombiner(Combiner):
     def combine(self, step):
         if len(step.conditions) < 2:
             return SumCombiner().combine(step)
-        if self.weighted(len(step.conditions)):
-            return self.combine_weighted(step)
         info: dict = {}
         pairs, grads = self.pair_gradients(step, info)
         per_sample = grads.transpose(0, 1).flatten(2)  # (B, m, D): every sample is its own problem
         d, w = cagrad_directions(per_sample, self.c, self.rescale)
         return Combined(d.view_as(grads[0]), {"pairs": pairs, "weights": w.tolist(), **info})
-
-    def combine_weighted(self, step):
-        """The weights from surrogate pair gradients g_i + a g_tilde_ij (a = dPhi/dx_t, the step map's Jacobian
-        without its score part), then G = sum_p alpha_p (g_i + J_Phi_i g_tilde_ij) taken exactly for those
-        coefficients: sum_i A_i g_i + sum_i J_Phi_i u_i, u_i = sum_j alpha_ij g_tilde_ij, one forward
-        difference per first condition instead of one per pair (n network points instead of n(n-1))."""
-        n = len(step.conditions)
-        ev = step.base(keep_graph=False)
-        plan = [(i, [j for j in range(n) if j != i]) for i in range(n)]
-        at_hat = _tildes(step, ev, plan, self.level, self.stack)
-        a = step_x_coefficient(step)
-        pairs = [(i, j) for i, others in plan for j in others]
-        tildes = [v for e in at_hat for v in e.grads]
-        surrogate = torch.stack([ev.grads[i].detach() + a * v for (i, _), v in zip(pairs, tildes)])
-        alpha, w = cagrad_coefficients(surrogate.transpose(0, 1).flatten(2), self.c, self.rescale)
-        alpha = alpha.to(ev.x.dtype)
-        nd = ev.x.ndim
-        u = [sum(_col(alpha[:, p], nd) * tildes[p] for p, (i2, _) in enumerate(pairs) if i2 == i) for i in range(n)]
-        weight = [alpha[:, [p for p, (i2, _) in enumerate(pairs) if i2 == i]].sum(1) for i in range(n)]
-        products = _directional_derivatives(step, ev, list(enumerate(u)), self.hessian, self.fd_step, self.stack)
-        bounded = torch.zeros(ev.x.shape[0], device=ev.x.device)
-        trust = None if self.bound is None else self.bound * step_noise_fraction(step)
-        direction = sum(_col(weight[i], nd) * ev.grads[i].detach() + _limited(u[i], term, h_term, trust, self.cap, bounded)
-                        for i, (term, h_term) in enumerate(products))
-        info = {"pairs": pairs, "weights": w.tolist()}
-        if self.bound is not None:
-            info["bounded"] = bounded
-        return Combined(direction, info)

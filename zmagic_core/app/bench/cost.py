@@ -45,8 +45,7 @@ from zmagic_core.app.bench.report import (add_out_argument, code, command, layou
                                           version, write_section)
 from zmagic_core.contracts.errors import InputError
 
-COMBINERS = ("sum", "dependent", "dependent-noH", "dependent-autograd", "dependent-paper", "cagrad", "cagrad-weighted",
-             "cagrad-paper")
+COMBINERS = ("sum", "dependent", "dependent-noH", "dependent-autograd", "dependent-paper", "cagrad", "cagrad-paper")
 CASE_HELP = {
     "sum": "G = sum_i g_i",
     "dependent": "Algorithm 1 at its defaults: J_Phi g_tilde by a forward difference (no double backward), "
@@ -57,8 +56,6 @@ CASE_HELP = {
     "dependent-paper": "the paper's exact update: one VJP through the step map (double backward), no bound",
     "cagrad": "Algorithm 2 at its defaults (c = 0.5): forward-difference products, x_hat_i of every first "
               "condition in one stacked network call, every pair's difference point in another",
-    "cagrad-weighted": "cagrad with `pair_products: weighted`: the weights from surrogate pair gradients, then "
-                       "one difference point per first condition (n instead of n(n-1); for n = 2 the same as cagrad)",
     "cagrad-paper": "Algorithm 2 as in the paper (c = 0.5): exact VJPs (one batched VJP per first condition), "
                     "no bound, no rescaling",
 }
@@ -205,7 +202,6 @@ def make_combiner(name: str):
                "dependent-autograd": lambda: DependentCombiner(product="autograd"),
                "dependent-paper": lambda: DependentCombiner(product="autograd", bound="none"),
                "cagrad": lambda: CAGradCombiner(c=0.5),
-               "cagrad-weighted": lambda: CAGradCombiner(c=0.5, pair_products="weighted"),
                "cagrad-paper": lambda: CAGradCombiner(c=0.5, product="autograd", bound="none", rescale="none")}
     if name in builtin:
         return builtin[name]()
@@ -310,8 +306,6 @@ def floor(combiner: str, n: int) -> dict:
         return {"forward": 2, "backward": 4, "double": 1}
     if combiner == "cagrad":  # n g_i; n x_hat_i (n F, m g_tilde); m difference points (m F, m B)
         return {"forward": 1 + n + m, "backward": n + 2 * m, "double": 0}
-    if combiner == "cagrad-weighted":  # n g_i; n x_hat_i (n F, m g_tilde); n difference points (n >= 3)
-        return {"forward": 1 + 2 * n, "backward": n + m + n, "double": 0}
     if combiner == "cagrad-paper":  # n g_i (graph kept); x_hat_i per first condition: n F, m g_tilde; m VJPs
         return {"forward": 1 + n, "backward": n + 2 * m, "double": m}
     raise ValueError(combiner)
@@ -327,8 +321,6 @@ def cases(models, ns, combiners=COMBINERS, specs: Optional[dict] = None) -> list
                     if not specs[combiner].accepts(n):
                         continue
                 elif combiner.startswith("dependent") and n != 2:
-                    continue
-                elif combiner == "cagrad-weighted" and n < 3:  # one pair per first condition: cagrad itself
                     continue
                 out.append((model, combiner, n))
     return out
@@ -435,8 +427,7 @@ def page_section(args, meta: dict, rows, units) -> str:
         "1 backward), so the counted calls are (3, 2n, 0). cagrad-paper: 1 forward at x_t, n backward for the g_i "
         "(with graph); n forwards at the x_hat_i, m g_tilde backward passes; one VJP per pair (m backward + m double "
         "backward): (1 + n, n + 2m, m); batched VJPs (one `is_grads_batched` call per first condition) bring its "
-        "counted calls below that. cagrad-weighted (n >= 3): the same at x_t and the x_hat_i, then one difference "
-        "point per first condition (n forwards, n backward passes): (1 + 2n, 2n + m, 0).",
+        "counted calls below that.",
         "",
         "Cases: " + "; ".join(f"**{k}**: {v}" for k, v in CASE_HELP.items()) + ".",
         "",
