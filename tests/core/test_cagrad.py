@@ -100,3 +100,21 @@ def test_batched_problems_equal_separate_ones():
 def test_degenerate_gradients_do_not_crash():
     d, w = cagrad_direction(torch.zeros(3, 5, dtype=torch.float64), 0.5)
     assert torch.isfinite(d).all() and d.abs().sum() == 0
+
+
+def test_weights_do_not_depend_on_what_was_solved_before():
+    """Every solve starts cold (cvxpy's warm start off): a sample's weights must not depend on the problems
+    solved before it in the process, or a resumed run (a fresh process) would differ from an uninterrupted one."""
+    from zmagic_core.method import cagrad
+
+    rng = np.random.default_rng(0)
+    grams = []
+    for _ in range(12):
+        g = rng.standard_normal((3, 40))
+        g[1] = -0.9 * g[0] + 0.1 * g[1]  # conflicting pairs: the solver's path matters most there
+        grams.append((g @ g.T)[None])
+    forward = [cagrad_weights_batch(k, 0.5) for k in grams]
+    cagrad._PROBLEMS.clear()
+    backward = [cagrad_weights_batch(k, 0.5) for k in grams[::-1]][::-1]
+    for a, b in zip(forward, backward):
+        np.testing.assert_array_equal(a, b)

@@ -45,9 +45,9 @@ class SimplexSOCP:
         for param, value in zip(self.A, A):
             param.value = value
         try:
-            self.problem.solve(solver="CLARABEL")
+            self.problem.solve(solver="CLARABEL", warm_start=False)  # cold: no dependence on earlier solves
         except Exception:  # numerical trouble: the first-order solver is slower but more forgiving
-            self.problem.solve(solver="SCS", eps=1e-9)
+            self.problem.solve(solver="SCS", eps=1e-9, warm_start=False)
         self.solves += 1
         w = None if self.w.value is None else self.w.value.reshape(self.batch, self.m)
         uniform = np.full((self.batch, self.m), 1.0 / self.m)
