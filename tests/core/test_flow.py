@@ -273,8 +273,7 @@ def test_dependent_ddpm_on_the_flow_world_is_the_steps_jacobian(flow_setup):
 # -- (d) end to end through recipes, and the oracle ---------------------------------------------------
 def recipe(combiner, solver, steps=20, samples=4):
     # the scales are ddpm's; ddim's default pull ('matched') is calibrated to give the same samples
-    options = {}
-    return {"model": {"kind": "shapes-flow", "size": 8}, "solver": {"kind": solver, "steps": steps, **options},
+    return {"model": {"kind": "shapes-flow", "size": 8}, "solver": {"kind": solver, "steps": steps},
             "combiner": {"kind": combiner},
             "conditions": [{"kind": "shapes-attribute", "name": "red", "attribute": "color", "value": "red",
                             "scale": 0.25},
