@@ -82,12 +82,12 @@ class DDIMSolver(Solver):
         sigma / sqrt(beta_eff) (1 at eta = 1, where the step is ancestral)."""
         if self.pull == "raw":
             return 1.0
+        beta = Schedule.beta_eff(abar_t, abar_next)
         coefficient = self.score_coefficient(abar_t, abar_next)
-        consistent = Schedule.beta_eff(abar_t, abar_next) / coefficient if coefficient > 0 else 1.0
+        consistent = beta / coefficient if coefficient > 0 else 1.0
         if self.pull == "consistent":
             return consistent
         sigma, _ = self._coefficients(abar_t, abar_next)
-        beta = Schedule.beta_eff(abar_t, abar_next)
         noise = min(sigma / math.sqrt(beta), 1.0) if beta > 0 else 0.0
         return MATCHED_GAIN + (consistent - MATCHED_GAIN) * noise
 
