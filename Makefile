@@ -7,20 +7,27 @@ CORE_VENV ?= .venv-core
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 # torch 2.14.1 + torchvision 0.29.1 install from this machine's local files; other machines use PyPI.
 TORCH := torch==2.14.1 torchvision==0.29.1
+# torch with its CUDA libraries is several GB: it is installed once, into TORCH_SITE, and both
+# virtualenvs see it through a .pth file (pip counts it as installed, so it is not fetched twice).
+TORCH_SITE ?= .torch-site
 
 .PHONY: demo test test-core test-all install clean
 
+# $(call venv_with_torch,VENV): make the virtualenv, install torch into TORCH_SITE once, link it in.
+define venv_with_torch
+	test -x $(1)/bin/python || python3 -m venv $(1)
+	$(1)/bin/pip install -q --upgrade pip
+	test -f $(TORCH_SITE)/.installed || { $(1)/bin/pip install -q --upgrade --target $(TORCH_SITE) $(TORCH) && touch $(TORCH_SITE)/.installed; }
+	$(1)/bin/python -c "import site, sys; open(site.getsitepackages()[0] + '/zmagic-torch-site.pth', 'w').write(sys.argv[1] + '\n')" "$(abspath $(TORCH_SITE))"
+endef
+
 $(VENV)/.installed: pyproject.toml $(PLUGINS)
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH)
+	$(call venv_with_torch,$(VENV))
 	$(PIP) install -q -e ".[diffusers,test,ui,eval]" $(foreach p,$(PLUGINS),-e $(dir $(p)))
 	touch $@
 
 $(CORE_VENV)/.installed: pyproject.toml
-	test -x $(CORE_VENV)/bin/python || python3 -m venv $(CORE_VENV)
-	$(CORE_VENV)/bin/pip install -q --upgrade pip
-	$(CORE_VENV)/bin/pip install -q $(TORCH)
+	$(call venv_with_torch,$(CORE_VENV))
 	$(CORE_VENV)/bin/pip install -q -e ".[diffusers,test,eval]"
 	touch $@
 
