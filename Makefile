@@ -13,12 +13,14 @@ TORCH_SITE ?= .torch-site
 
 .PHONY: demo test test-core test-all install clean
 
-# $(call venv_with_torch,VENV): make the virtualenv, install torch into TORCH_SITE once, link it in.
+# $(call venv_with_torch,VENV): make the virtualenv, install torch into TORCH_SITE once, link it in
+# (and torch's console script torchrun, whose copy in TORCH_SITE/bin names another python).
 define venv_with_torch
 	test -x $(1)/bin/python || python3 -m venv $(1)
 	$(1)/bin/pip install -q --upgrade pip
 	test -f $(TORCH_SITE)/.installed || { $(1)/bin/pip install -q --upgrade --target $(TORCH_SITE) $(TORCH) && touch $(TORCH_SITE)/.installed; }
 	$(1)/bin/python -c "import site, sys; open(site.getsitepackages()[0] + '/zmagic-torch-site.pth', 'w').write(sys.argv[1] + '\n')" "$(abspath $(TORCH_SITE))"
+	printf '#!/bin/sh\nexec "$$(dirname "$$0")/python" -m torch.distributed.run "$$@"\n' > $(1)/bin/torchrun && chmod +x $(1)/bin/torchrun
 endef
 
 $(VENV)/.installed: pyproject.toml $(PLUGINS)
