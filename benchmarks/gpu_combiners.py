@@ -38,9 +38,9 @@ from real_architectures import CELEBAHQ_UNET, SD14_UNET, SD14_VAE  # noqa: E402
 CASES = [
     ("sum", {"kind": "sum"}, 2),
     ("dependent", {"kind": "dependent"}, 2),
-    ("dependent-exact", {"kind": "dependent", "product": "autograd", "bound": "none"}, 2),
+    ("dependent-exact", {"kind": "dependent", "product": "autograd", "bound": "none", "project": "none"}, 2),
     ("cagrad", {"kind": "cagrad", "c": 0.5}, 2),
-    ("cagrad-exact", {"kind": "cagrad", "c": 0.5, "product": "autograd", "bound": "none", "rescale": "none"}, 2),
+    ("cagrad-exact", {"kind": "cagrad", "c": 0.5, "product": "autograd", "bound": "none", "project": "none", "rescale": "none"}, 2),
     ("sum", {"kind": "sum"}, 3),
     ("cagrad", {"kind": "cagrad", "c": 0.5}, 3),
 ]

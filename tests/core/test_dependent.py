@@ -14,7 +14,7 @@ T, T_NEXT = 500, 490
 # The paper's exact update: the vector-Jacobian product by autograd, no bound on the Hessian term.
 # These tests check it against explicit Jacobians and Hessians; test_fast_product.py checks the
 # default (forward-difference product, bounded Hessian term) against it.
-EXACT = dict(product="autograd", bound="none")
+EXACT = dict(product="autograd", bound="none", project="none")
 
 
 def make_step(model, solver, conditions, x, z):

@@ -13,8 +13,8 @@ from zmagic_core.method.solvers import DDIMSolver, DDPMSolver
 from zmagic_core.models.shapes import AttributeEnergy, MaskEnergy, ShapesModel
 from zmagic_core.sampling.pipeline import Pipeline
 
-EXACT = dict(product="autograd", bound="none")
-FAST = dict(product="difference", bound="none")
+EXACT = dict(product="autograd", bound="none", project="none")
+FAST = dict(product="difference", bound="none", project="none")
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
@@ -99,12 +99,12 @@ def test_the_bound_acts_on_the_hessian_term_only(mixture_step):
     x_hat = s.phi(ev.x, ev.score + ev.grads[0]).detach()
     tilde_norm = s.evaluate(x_hat, "t_next", [1]).grads[0].flatten(1).norm(dim=1)
     for product in ("autograd", "difference"):
-        free = conditional_term(DependentCombiner(product=product, bound="none"), step)
-        loose = conditional_term(DependentCombiner(product=product, bound=1e6), step)
+        free = conditional_term(DependentCombiner(product=product, bound="none", project="none"), step)
+        loose = conditional_term(DependentCombiner(product=product, bound=1e6, project="none"), step)
         torch.testing.assert_close(loose, free, rtol=1e-5, atol=1e-6)  # a loose bound changes nothing
-        plain = conditional_term(DependentCombiner(product=product, hessian=False), step)
+        plain = conditional_term(DependentCombiner(product=product, hessian=False, project="none"), step)
         h_norm = (free - plain).flatten(1).norm(dim=1)  # the Hessian term
-        tight = conditional_term(DependentCombiner(product=product, bound=1e-6), step)
+        tight = conditional_term(DependentCombiner(product=product, bound=1e-6, project="none"), step)
         torch.testing.assert_close(tight, plain, rtol=1e-4, atol=1e-5)  # only the Hessian term is cut
         bound = 0.5 * float((h_norm / tilde_norm).max())  # binds for at least one sample
         info: dict = {}

@@ -24,7 +24,7 @@ from zmagic_core.sampling.pipeline import Pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "shapes"
 SIGMAS = (0.02, 0.3, 0.55, 0.8, 0.97)
-EXACT = dict(product="autograd", bound="none")  # the exact vector-Jacobian product, as in test_dependent.py
+EXACT = dict(product="autograd", bound="none", project="none")  # the exact vector-Jacobian product, as in test_dependent.py
 
 
 class TinyFlow(FlowModel):

@@ -21,6 +21,8 @@ PRODUCTS = ("difference", "autograd")
 DEFAULT_PRODUCT = "difference"
 FD_STEP = 1e-3  # relative step of the forward difference: h ||v|| = FD_STEP ||x_t|| (docs/method.md)
 DEFAULT_BOUND = 1.0  # trust region of the Hessian term: ||H-term|| <= DEFAULT_BOUND ||g_tilde|| (docs/method.md)
+PROJECTIONS = ("none", "hessian", "conditional")
+DEFAULT_PROJECT = "conditional"  # g_{j|i} without its component along the score (chosen by the defaults sweep, docs/method.md)
 DEFAULT_RESCALE = "1/(1+c^2)"  # CAGrad's published code (chosen by the defaults sweep, docs/method.md); the paper: "none"
 
 
@@ -32,9 +34,16 @@ def _col(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.view(-1, *([1] * (ndim - 1)))
 
 
+def without_component(v: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """v minus its projection on ``direction``, per sample."""
+    d, flat = direction.flatten(1), v.flatten(1)
+    coef = (flat * d).sum(1, keepdim=True) / (d * d).sum(1, keepdim=True).clamp_min(1e-30)
+    return (flat - coef * d).view_as(v)
+
+
 def conditional_gradients(step: GuidanceStep, ev: Evaluation, first: int, seconds: list[int],
                           hessian: bool, level: str, cap: Optional[float] = None, *, product: str = "autograd",
-                          bound: Optional[float] = None, fd_step: float = FD_STEP,
+                          bound: Optional[float] = None, fd_step: float = FD_STEP, project: str = "none",
                           info: Optional[dict] = None, stack: Optional[int] = None) -> list[torch.Tensor]:
     """g_{j|i} for one first condition i and several second conditions j (Algorithm 1, steps 2-4).
 
@@ -47,17 +56,19 @@ def conditional_gradients(step: GuidanceStep, ev: Evaluation, first: int, second
     a constant, dropping the H_i term.  ``bound``: the H_i term scaled down per sample to at most
     bound * nu * ||g_tilde_j||, nu = the step's noise relative to the ancestral step's
     (:func:`step_noise_fraction`; None: the paper's update).  ``cap``: the whole g_{j|i} scaled down per
-    sample to at most cap * ||g_tilde_j||.  ``info`` (a dict) receives per-sample diagnostics.
+    sample to at most cap * ||g_tilde_j||.  ``project``: remove the component along the score s(x_t)
+    from the H_i term (``hessian``) or from the whole g_{j|i} (``conditional``); ``none``: the paper's.
+    ``info`` (a dict) receives per-sample diagnostics.
     """
     (out,) = pair_conditional_gradients(step, ev, [(first, seconds)], hessian, level, cap, product=product,
-                                        bound=bound, fd_step=fd_step, info=info, stack=stack)
+                                        bound=bound, fd_step=fd_step, project=project, info=info, stack=stack)
     return out
 
 
 def pair_conditional_gradients(step: GuidanceStep, ev: Evaluation, plan: list[tuple[int, list[int]]],
                                hessian: bool, level: str, cap: Optional[float] = None, *,
                                product: str = "autograd", bound: Optional[float] = None,
-                               fd_step: float = FD_STEP, info: Optional[dict] = None,
+                               fd_step: float = FD_STEP, project: str = "none", info: Optional[dict] = None,
                                stack: Optional[int] = None) -> list[list[torch.Tensor]]:
     """:func:`conditional_gradients` for several first conditions: ``plan`` = [(i, [j, ...]), ...].
 
@@ -67,21 +78,29 @@ def pair_conditional_gradients(step: GuidanceStep, ev: Evaluation, plan: list[tu
     """
     if product not in PRODUCTS:
         raise ValueError(f"unknown product {product!r}; expected one of {PRODUCTS}")
+    if project not in PROJECTIONS:
+        raise ValueError(f"unknown projection {project!r}; expected one of {PROJECTIONS}")
     if product == "autograd":
-        parts = [_autograd_products(step, ev, i, js, hessian, level, split=bound is not None) for i, js in plan]
+        split = bound is not None or project == "hessian"
+        parts = [_autograd_products(step, ev, i, js, hessian, level, split=split) for i, js in plan]
     else:
         parts = _difference_products(step, ev, plan, hessian, level, fd_step, stack)
     bounded = torch.zeros(ev.x.shape[0], device=ev.x.device)
     trust = None if bound is None else bound * step_noise_fraction(step)
+    score = ev.score.detach()  # the noise direction: moving x_t along it changes its noise level, not its content
     out = []
     for terms in parts:
         row = []
         for tilde, plain, h_term in terms:
+            if h_term is not None and project == "hessian":
+                h_term = without_component(h_term, score)
             if h_term is not None and trust is not None:
                 limit = trust * _per_sample(tilde)
                 bounded += (_per_sample(h_term) > limit).float()
                 h_term = _capped(h_term, limit)
             g = plain if h_term is None else plain + h_term
+            if project == "conditional":
+                g = without_component(g, score)
             if cap is not None:
                 g = _capped(g, cap * _per_sample(tilde))
             row.append(g)
@@ -197,6 +216,13 @@ class SumCombiner(Combiner):
 Bound = Optional[Union[Annotated[float, Field(gt=0)], Literal["none"]]]
 
 
+def _check_choices(product: str, project: str) -> None:
+    if product not in PRODUCTS:
+        raise ValueError(f"unknown product {product!r}; expected one of {PRODUCTS}")
+    if project not in PROJECTIONS:
+        raise ValueError(f"unknown projection {project!r}; expected one of {PROJECTIONS}")
+
+
 def _bound(value) -> Optional[float]:
     return None if value is None or value == "none" else float(value)
 
@@ -219,6 +245,10 @@ class _ConditionalOptions(BaseModel):
         "(docs/method.md); 'none' = the paper's update"))
     cap: Optional[float] = Field(None, gt=0, description=(
         "cap ||g_{2|1}|| at cap * ||g_tilde|| per sample (the whole conditional term; off by default)"))
+    project: Literal["none", "hessian", "conditional"] = Field(DEFAULT_PROJECT, description=(
+        "remove the component along the score s(x_t), which changes x_t's noise level rather than its "
+        "content, from the whole g_{2|1} ('conditional', default) or from its Hessian term only ('hessian'); "
+        "'none' = the paper's update (docs/method.md)"))
 
 
 class DependentOptions(_ConditionalOptions):
@@ -230,8 +260,9 @@ class DependentCombiner(Combiner):
     """Algorithm 1: G = g_1 + g_{2|1}, the second condition seen through the first one's step.
 
     The default evaluates g_tilde at level t', where x_hat actually lives after the step, takes
-    J_Phi g_tilde by a forward difference and bounds the Hessian term (docs/method.md);
-    ``product='autograd', bound='none'`` is the paper's exact update.
+    J_Phi g_tilde by a forward difference, bounds the Hessian term and removes g_{2|1}'s component along the
+    score (docs/method.md);
+    ``product='autograd', bound='none', project='none'`` is the paper's exact update.
     """
 
     Options = DependentOptions
@@ -240,10 +271,9 @@ class DependentCombiner(Combiner):
 
     def __init__(self, hessian: bool = True, level: str = "t_next", cap: Optional[float] = None,
                  product: str = DEFAULT_PRODUCT, fd_step: float = FD_STEP, bound=DEFAULT_BOUND,
-                 trace_cosine: bool = False):
-        if product not in PRODUCTS:
-            raise ValueError(f"unknown product {product!r}; expected one of {PRODUCTS}")
-        self.hessian, self.level, self.cap = hessian, level, cap
+                 trace_cosine: bool = False, project: str = DEFAULT_PROJECT):
+        _check_choices(product, project)
+        self.hessian, self.level, self.cap, self.project = hessian, level, cap, project
         self.product, self.fd_step, self.bound, self.trace_cosine = product, fd_step, _bound(bound), trace_cosine
 
     def combine(self, step):
@@ -257,7 +287,7 @@ class DependentCombiner(Combiner):
             ev = step.base(guided=guided, keep_graph=False)
         info: dict = {}
         (g21,) = conditional_gradients(step, ev, 0, [1], self.hessian, self.level, self.cap, product=self.product,
-                                       bound=self.bound, fd_step=self.fd_step, info=info)
+                                       bound=self.bound, fd_step=self.fd_step, project=self.project, info=info)
         g1 = ev.grads[0].detach()
         return Combined(g1 + g21, {"cos(g1,g2|1)": cosine(g1, g21), **info})
 
@@ -275,18 +305,18 @@ class CAGradOptions(_ConditionalOptions):
 class CAGradCombiner(Combiner):
     """Algorithm 2: the conflict-averse direction over all ordered pair gradients g_ij = g_i + g_{j|i}.
 
-    Defaults as dependent's (difference product, bounded Hessian term) and the direction rescaled by
-    1/(1+c^2); ``product='autograd', bound='none', rescale='none'`` is the paper's exact update."""
+    Defaults as dependent's (difference product, bounded Hessian term, no score component) and the direction rescaled by
+    1/(1+c^2); ``product='autograd', bound='none', project='none', rescale='none'`` is the paper's exact update."""
 
     Options = CAGradOptions
     min_conditions = 2
 
     def __init__(self, c: float = 0.5, rescale: str = DEFAULT_RESCALE, hessian: bool = True, level: str = "t_next",
                  cap: Optional[float] = None, product: str = DEFAULT_PRODUCT, fd_step: float = FD_STEP,
-                 bound=DEFAULT_BOUND, stack: Optional[int] = None):
-        if product not in PRODUCTS:
-            raise ValueError(f"unknown product {product!r}; expected one of {PRODUCTS}")
+                 bound=DEFAULT_BOUND, stack: Optional[int] = None, project: str = DEFAULT_PROJECT):
+        _check_choices(product, project)
         self.c, self.rescale, self.hessian, self.level, self.cap = c, rescale, hessian, level, cap
+        self.project = project
         self.product, self.fd_step, self.bound, self.stack = product, fd_step, _bound(bound), stack
 
     def pair_gradients(self, step, info: Optional[dict] = None) -> tuple[list[tuple[int, int]], torch.Tensor]:
@@ -298,7 +328,8 @@ class CAGradCombiner(Combiner):
             ev = step.base(keep_graph=False)
         plan = [(i, [j for j in range(n) if j != i]) for i in range(n)]
         terms = pair_conditional_gradients(step, ev, plan, self.hessian, self.level, self.cap, product=self.product,
-                                           bound=self.bound, fd_step=self.fd_step, info=info, stack=self.stack)
+                                           bound=self.bound, fd_step=self.fd_step, project=self.project, info=info,
+                                           stack=self.stack)
         pairs, grads = [], []
         for (i, others), row in zip(plan, terms):
             for j, g_ji in zip(others, row):

@@ -21,8 +21,8 @@ from zmagic_core.models.pretrained import MODEL_FACTORIES
 
 from .conftest import ColorEnergy, GramEnergy, reference_image, tame
 
-EXACT = dict(product="autograd", bound="none")
-FAST = dict(product="difference", bound="none")
+EXACT = dict(product="autograd", bound="none", project="none")
+FAST = dict(product="difference", bound="none", project="none")
 
 
 def relative_error(got, want):

@@ -200,9 +200,9 @@ def make_combiner(name: str):
     builtin = {"sum": lambda: SumCombiner(), "dependent": lambda: DependentCombiner(),
                "dependent-noH": lambda: DependentCombiner(hessian=False),
                "dependent-autograd": lambda: DependentCombiner(product="autograd"),
-               "dependent-paper": lambda: DependentCombiner(product="autograd", bound="none"),
+               "dependent-paper": lambda: DependentCombiner(product="autograd", bound="none", project="none"),
                "cagrad": lambda: CAGradCombiner(c=0.5),
-               "cagrad-paper": lambda: CAGradCombiner(c=0.5, product="autograd", bound="none", rescale="none")}
+               "cagrad-paper": lambda: CAGradCombiner(c=0.5, product="autograd", bound="none", project="none", rescale="none")}
     if name in builtin:
         return builtin[name]()
     (spec,) = parse_combiners(name)

@@ -138,21 +138,23 @@ BOUND_SWEEP = (0.25, 1.0, 4.0, "none")
 DERIVED_BOUND = 1.0  # what the no-overshoot argument gives (docs/method.md); ties in the sweep go to it
 BOUND_METHODS = ("dep 1>2", "dep 2>1", "cagrad c=0.5")
 RESCALE_SWEEP = ("none", "1/(1+c^2)", "1/(1+c)")
+PROJECT_SWEEP = ("none", "hessian", "conditional")  # ties go to the first (the paper's update)
 
 METHOD_HELP = {
     "none": "no guidance (unconditional samples)",
     "sum": "G = sum_i g_i",
     "dep 1>2": "dependent (Algorithm 1) at its defaults, order (c1, c2): Hessian term on, J_Phi g_tilde by a forward "
-               "difference, Hessian term bounded (docs/method.md)",
+               "difference, Hessian term bounded and without its score-direction component (docs/method.md)",
     "dep 2>1": "the same, order (c2, c1)",
     "dep-noH 1>2": "dependent without the Hessian term (g1 detached in x_hat)",
     "dep-noH 2>1": "the same, order (c2, c1)",
     "dep 1>2 autograd": "dependent with the exact vector-Jacobian product (double backward), same bound",
-    "dep 1>2 paper": "the paper's exact update: exact product, no bound (product=autograd, bound=none)",
+    "dep 1>2 paper": "the paper's exact update: exact product, no bound, no projection (product=autograd, bound=none, "
+                     "project=none)",
     "cagrad c=0": "CAGrad over all ordered pairs at its defaults, c = 0 (mean of the pair gradients)",
     "cagrad c=0.5": "CAGrad, c = 0.5",
     "cagrad c=0.5 autograd": "CAGrad, c = 0.5, exact products, same bound and rescaling",
-    "cagrad c=0.5 paper": "CAGrad, c = 0.5 as in the paper: exact products, no bound, no rescaling",
+    "cagrad c=0.5 paper": "CAGrad, c = 0.5 as in the paper: exact products, no bound, no projection, no rescaling",
     "cagrad c=0.8": "CAGrad, c = 0.8",
     "oracle": "exact conditional model (mixture reweighted by prod_i p(c_i|k)), no guidance",
 }
@@ -178,7 +180,7 @@ def make_combiner(method: str, **options) -> Combiner:
     if words[-1] == "autograd":
         options = {"product": "autograd", **options}
     elif words[-1] == "paper":
-        options = {"product": "autograd", "bound": "none", **options}
+        options = {"product": "autograd", "bound": "none", "project": "none", **options}
         if method.startswith("cagrad"):
             options.setdefault("rescale", "none")
     if method.startswith("dep"):
@@ -387,7 +389,8 @@ def stress_scale(scale: float) -> float:
 
 
 def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: float, log) -> dict:
-    """The bound on the Hessian term (dependent and CAGrad), then CAGrad's rescaling, on DEFAULTS_TUNING,
+    """The bound on the Hessian term (dependent and CAGrad), then what is projected off the score direction
+    (``project``, same combiners, at the chosen bound), then CAGrad's rescaling, on DEFAULTS_TUNING,
     each at the chosen scale and one notch above it (:func:`stress_scale`): a default must also hold
     when a user turns the step size up, and at the tuned scale alone nothing fails, so health could
     not tell the options apart.
@@ -395,10 +398,10 @@ def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: floa
     Rule for each: the values with the fewest unhealthy runs over both scales (a healthy run: no fallback,
     every sample finite and on the manifold); among them those within 0.01 of the lowest mean TV distance
     (over both scales) count as tied (that is within the sampling noise), and ties go to the derivation's
-    value (bound 1; no rescaling)."""
+    value (bound 1; no projection; no rescaling)."""
     seeds = list(range(80_000, 80_000 + samples))
     scales = [scale, stress_scale(scale)]
-    out: dict = {"bound_rows": [], "rescale_rows": [], "scales": scales}
+    out: dict = {"bound_rows": [], "project_rows": [], "rescale_rows": [], "scales": scales}
 
     def pick(rows, key, values):
         stats = {v: (sum(not r["healthy"] for r in rows if r[key] == v),
@@ -410,7 +413,7 @@ def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: floa
         def distance(v):  # from the derivation's value
             if key == "bound":
                 return math.inf if v == "none" else abs(math.log(float(v) / DERIVED_BOUND))
-            return RESCALE_SWEEP.index(v)
+            return (PROJECT_SWEEP if key == "project" else RESCALE_SWEEP).index(v)
         return min(tied, key=distance)
 
     def record(rows, key, value, sc, method, r, at):
@@ -429,15 +432,29 @@ def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: floa
                         continue
                     extra = {"rescale": "none"} if method.startswith("cagrad") else {}
                     r = run_method(world, sc, method, seeds, at, steps, batch_size,
-                                   lambda m=method, b=bound, e=extra: make_combiner(m, bound=b, **e),
+                                   lambda m=method, b=bound, e=extra: make_combiner(m, bound=b, project="none", **e),
                                    order=method_order(method, len(sc["conditions"])))
                     record(out["bound_rows"], "bound", bound, sc, method, r, at)
     out["bound"] = pick(out["bound_rows"], "bound", BOUND_SWEEP)
     for at in scales:
+        for project in PROJECT_SWEEP:
+            for sc in DEFAULTS_TUNING:
+                for method in BOUND_METHODS:
+                    if method.startswith("dep") and len(sc["conditions"]) != 2:
+                        continue
+                    extra = {"rescale": "none"} if method.startswith("cagrad") else {}
+                    r = run_method(world, sc, method, seeds, at, steps, batch_size,
+                                   lambda m=method, p=project, e=extra: make_combiner(m, bound=out["bound"], project=p,
+                                                                                       **e),
+                                   order=method_order(method, len(sc["conditions"])))
+                    record(out["project_rows"], "project", project, sc, method, r, at)
+    out["project"] = pick(out["project_rows"], "project", PROJECT_SWEEP)
+    for at in scales:
         for rescale in RESCALE_SWEEP:
             for sc in DEFAULTS_TUNING:
                 r = run_method(world, sc, "cagrad c=0.5", seeds, at, steps, batch_size,
-                               lambda rs=rescale: make_combiner("cagrad c=0.5", bound=out["bound"], rescale=rs))
+                               lambda rs=rescale: make_combiner("cagrad c=0.5", bound=out["bound"], project=out["project"],
+                                                                rescale=rs))
                 record(out["rescale_rows"], "rescale", rescale, sc, "cagrad c=0.5", r, at)
     out["rescale"] = pick(out["rescale_rows"], "rescale", RESCALE_SWEEP)
     return out
@@ -697,10 +714,12 @@ def slug(name: str) -> str:
 
 # -- the page ------------------------------------------------------------------------------------
 def defaults_section(sweep: Optional[dict]) -> list[str]:
-    """The lines of the defaults sweep (the bound on the Hessian term, CAGrad's rescaling), if it ran."""
-    from zmagic_core.method.combiners import DEFAULT_BOUND, CAGradOptions  # the combiners' defaults, to compare
+    """The lines of the defaults sweep (the bound on the Hessian term, the projection off the score, CAGrad's
+    rescaling), if it ran."""
+    from zmagic_core.method.combiners import DEFAULT_BOUND, DEFAULT_PROJECT, CAGradOptions  # to compare
 
-    lines = ["### Bound on the Hessian term and CAGrad's rescaling (chosen on held-out scenarios)", ""]
+    lines = ["### Bound on the Hessian term, projection off the score and CAGrad's rescaling (chosen on held-out "
+             "scenarios)", ""]
     if not sweep:
         return lines + ["Not swept in this run (it runs with the step-size sweep, i.e. without `--scale`).", ""]
     tuning = "; ".join(f"{t['name']} ({' + '.join(f'{k} {o}' for _, k, o in t['conditions'])}"
@@ -709,19 +728,28 @@ def defaults_section(sweep: Optional[dict]) -> list[str]:
     lines += [
         f"Held-out scenarios: {tuning}; {sweep.get('samples', '?')} samples per run (seeds 80000..), at the chosen "
         f"step size and one notch above it (scales {sweep.get('scales', '?')}: a default must still hold when the "
-        "step size is turned up, and at the tuned scale alone no option fails). First the bound on the Hessian term (`bound`, both combiners; CAGrad without rescaling) over "
-        f"{list(BOUND_SWEEP)} with {', '.join(BOUND_METHODS)}; then CAGrad's rescaling over {list(RESCALE_SWEEP)} at "
-        "the chosen bound. Rule for each: the fewest unhealthy runs over both scales (a healthy run: no fallback, "
-        "every sample finite and on the manifold), then the lowest mean TV distance over both, values within 0.01 "
-        "of it counting as "
-        f"tied (sampling noise); ties go to the derivation's value (bound {DERIVED_BOUND}; no rescaling first). "
-        f"Chosen: bound **{sweep['bound']}**, rescale **{sweep['rescale']}**; the combiners' defaults are bound "
-        f"{DEFAULT_BOUND} and rescale {default_rescale}"
-        + (" (the same)." if (str(sweep['bound']) == str(DEFAULT_BOUND) and sweep['rescale'] == default_rescale)
+        "step size is turned up, and at the tuned scale alone no option fails). First the bound on the Hessian term "
+        f"(`bound`, both combiners, with the paper's term otherwise: no projection, CAGrad without rescaling) over "
+        f"{list(BOUND_SWEEP)} with {', '.join(BOUND_METHODS)}; then what loses its component along the score "
+        f"(`project`, same combiners) over {list(PROJECT_SWEEP)} at the chosen bound; then CAGrad's rescaling over "
+        f"{list(RESCALE_SWEEP)} at both. Rule for each: the fewest unhealthy runs over both scales (a healthy run: no "
+        "fallback, every sample finite and on the manifold), then the lowest mean TV distance over both, values "
+        "within 0.01 of it counting as "
+        f"tied (sampling noise); ties go to the derivation's value (bound {DERIVED_BOUND}), else to the paper's "
+        "(no projection, no rescaling). "
+        f"Chosen: bound **{sweep['bound']}**, project **{sweep.get('project', 'not swept')}**, rescale "
+        f"**{sweep['rescale']}**; the combiners' defaults are bound {DEFAULT_BOUND}, project {DEFAULT_PROJECT} and "
+        f"rescale {default_rescale}"
+        + (" (the same)." if (str(sweep['bound']) == str(DEFAULT_BOUND) and sweep['rescale'] == default_rescale
+                              and sweep.get('project') == DEFAULT_PROJECT)
            else " (NOT the same: re-check the defaults)."),
         "",
     ]
-    for key, values, rows in (("bound", BOUND_SWEEP, sweep["bound_rows"]), ("rescale", RESCALE_SWEEP, sweep["rescale_rows"])):
+    for key, values, rows in (("bound", BOUND_SWEEP, sweep["bound_rows"]),
+                              ("project", PROJECT_SWEEP, sweep.get("project_rows", [])),
+                              ("rescale", RESCALE_SWEEP, sweep["rescale_rows"])):
+        if not rows:
+            continue
         columns = list(dict.fromkeys((r["scenario"], r["method"]) for r in rows))
         lines += [f"| {key} | scale | " + " | ".join(f"{sc} {m}" for sc, m in columns)
                   + " | mean TV | unhealthy runs |", "|---|---|" + "---|" * (len(columns) + 2)]
@@ -1019,7 +1047,7 @@ def main(argv: list[str]) -> int:
     if args.scale is None or args.defaults_sweep:
         defaults = defaults_sweep(world, args.defaults_samples, args.steps, args.batch_size, scale, log)
         meta["defaults_sweep"] = {"samples": args.defaults_samples, **defaults}
-        log(f"defaults sweep: bound {defaults['bound']}, rescale {defaults['rescale']}")
+        log(f"defaults sweep: bound {defaults['bound']}, project {defaults['project']}, rescale {defaults['rescale']}")
     sets = seed_sets(args.samples, args.seeds_sets)
     results: dict[str, dict[str, list[dict]]] = {}
     tuned: dict = {}
