@@ -109,15 +109,17 @@ def test_the_default_keeps_the_sample_the_papers_term_pushes_off_the_manifold():
     assert rms[DEFAULT_PROJECT] < 0.16 and math.isfinite(rms["none"])
 
 
-def test_the_defaults_sweep_picks_by_health_then_tv_then_the_papers_value(monkeypatch):
-    """The sweep's rule on made-up runs: the combiner's options decide each run's figures."""
+def test_the_defaults_sweep_picks_by_health_then_tv_then_the_derived_and_the_papers_value(monkeypatch):
+    """The sweep's rule on made-up runs, whose figures depend on the combiner's options."""
     tvs = {"none": 0.50, "hessian": 0.40, "conditional": 0.395}
 
     def fake_run(world, scenario, method, seeds, scale, steps, batch_size, combiner=None, order=None):
         made = combiner()
-        project = getattr(made, "project", "none")
-        tv = tvs[project] + (0.0 if made.bound == 1.0 else 0.02)
-        on = 0.9 if (project == "none" and scale > 0.5) else 1.0  # the paper's term leaves the manifold when pushed
+        tv = tvs[made.project] + (0.0 if made.bound == 1.0 else 0.002)  # other bounds: tied within 0.01
+        on = 0.9 if (made.project == "none" and scale > 0.5) else 1.0  # the paper's term leaves the manifold
+        if made.bound == 4.0 and made.project == "conditional":
+            tv -= 0.1  # the lowest TV, but unhealthy:
+            on = 0.95
         if getattr(made, "rescale", None) == "1/(1+c)":
             tv -= 0.05
         return {"tv_all": tv, "joint": 0.5, "on_manifold": on, "fallbacks": 0, "nonfinite_steps": 0,
@@ -126,9 +128,11 @@ def test_the_defaults_sweep_picks_by_health_then_tv_then_the_papers_value(monkey
     monkeypatch.setattr(quality, "run_method", fake_run)
     monkeypatch.setattr(quality, "DEFAULTS_TUNING", quality.TUNING[:2])
     out = quality.defaults_sweep(None, 4, 5, 4, 0.5, lambda line: None)
-    assert out["bound"] == 1.0  # equally unhealthy under the paper's term: the lowest TV
-    assert out["project"] == "hessian"  # none is unhealthy; hessian and conditional tie within 0.01: the first
+    # healthy: every bound with hessian or conditional except 4 / conditional; all tied within 0.01:
+    # the derived bound first, then the projection nearest the paper's
+    assert (out["bound"], out["project"]) == (1.0, "hessian")
     assert out["rescale"] == "1/(1+c)"
-    assert {r["project"] for r in out["project_rows"]} == set(quality.PROJECT_SWEEP)
+    assert {r["term"] for r in out["term_rows"]} == {quality.term_label(b, p) for b, p in quality.TERM_SWEEP}
     page = "\n".join(quality.defaults_section(out))
     assert "project **hessian**" in page and "NOT the same" in page  # the code's default is conditional
+    assert "| 4.0 / conditional | 0.5 |" in page

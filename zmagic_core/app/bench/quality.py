@@ -139,6 +139,7 @@ DERIVED_BOUND = 1.0  # what the no-overshoot argument gives (docs/method.md); ti
 BOUND_METHODS = ("dep 1>2", "dep 2>1", "cagrad c=0.5")
 RESCALE_SWEEP = ("none", "1/(1+c^2)", "1/(1+c)")
 PROJECT_SWEEP = ("none", "hessian", "conditional")  # ties go to the first (the paper's update)
+TERM_SWEEP = [(b, p) for b in BOUND_SWEEP for p in PROJECT_SWEEP]  # swept jointly: both act on g_{j|i}
 
 METHOD_HELP = {
     "none": "no guidance (unconditional samples)",
@@ -389,19 +390,19 @@ def stress_scale(scale: float) -> float:
 
 
 def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: float, log) -> dict:
-    """The bound on the Hessian term (dependent and CAGrad), then what is projected off the score direction
-    (``project``, same combiners, at the chosen bound), then CAGrad's rescaling, on DEFAULTS_TUNING,
-    each at the chosen scale and one notch above it (:func:`stress_scale`): a default must also hold
-    when a user turns the step size up, and at the tuned scale alone nothing fails, so health could
-    not tell the options apart.
+    """The bound on the Hessian term and what loses its component along the score (``project``), jointly
+    (they interact: both act on the conditional term; dependent and CAGrad), then CAGrad's rescaling at the
+    chosen pair, on DEFAULTS_TUNING, each at the chosen scale and one notch above it (:func:`stress_scale`):
+    a default must also hold when a user turns the step size up, and at the tuned scale alone nothing
+    fails, so health could not tell the options apart.
 
-    Rule for each: the values with the fewest unhealthy runs over both scales (a healthy run: no fallback,
-    every sample finite and on the manifold); among them those within 0.01 of the lowest mean TV distance
-    (over both scales) count as tied (that is within the sampling noise), and ties go to the derivation's
-    value (bound 1; no projection; no rescaling)."""
+    Rule for each stage: the values with the fewest unhealthy runs over both scales (a healthy run: no
+    fallback, every sample finite and on the manifold); among them those within 0.01 of the lowest mean TV
+    distance (over both scales) count as tied (that is within the sampling noise), and ties go to the
+    derivation's value (bound 1), then to the paper's (no projection; no rescaling)."""
     seeds = list(range(80_000, 80_000 + samples))
     scales = [scale, stress_scale(scale)]
-    out: dict = {"bound_rows": [], "project_rows": [], "rescale_rows": [], "scales": scales}
+    out: dict = {"term_rows": [], "rescale_rows": [], "scales": scales}
 
     def pick(rows, key, values):
         stats = {v: (sum(not r["healthy"] for r in rows if r[key] == v),
@@ -410,10 +411,12 @@ def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: floa
         best_tv = min(tv for u, tv in stats.values() if u == fewest)
         tied = [v for v in values if stats[v][0] == fewest and stats[v][1] <= best_tv + 0.01]
 
-        def distance(v):  # from the derivation's value
-            if key == "bound":
-                return math.inf if v == "none" else abs(math.log(float(v) / DERIVED_BOUND))
-            return (PROJECT_SWEEP if key == "project" else RESCALE_SWEEP).index(v)
+        def distance(v):  # from the derivation's value, then from the paper's
+            if key == "term":
+                bound, project = TERM_SWEEP[values.index(v)]
+                return (math.inf if bound == "none" else abs(math.log(float(bound) / DERIVED_BOUND)),
+                        PROJECT_SWEEP.index(project))
+            return (RESCALE_SWEEP.index(v),)
         return min(tied, key=distance)
 
     def record(rows, key, value, sc, method, r, at):
@@ -424,31 +427,20 @@ def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: floa
             f"{r['joint']:.3f} on-manifold {r['on_manifold']:.3f} fallbacks {r['fallbacks']} bounded "
             f"{r['bounded_steps']} ({r['cpu_seconds']:.1f} s cpu)")
 
+    labels = [term_label(b, p) for b, p in TERM_SWEEP]
     for at in scales:
-        for bound in BOUND_SWEEP:
+        for (bound, project), label in zip(TERM_SWEEP, labels):
             for sc in DEFAULTS_TUNING:
                 for method in BOUND_METHODS:
                     if method.startswith("dep") and len(sc["conditions"]) != 2:
                         continue
                     extra = {"rescale": "none"} if method.startswith("cagrad") else {}
                     r = run_method(world, sc, method, seeds, at, steps, batch_size,
-                                   lambda m=method, b=bound, e=extra: make_combiner(m, bound=b, project="none", **e),
+                                   lambda m=method, b=bound, p=project, e=extra: make_combiner(m, bound=b, project=p,
+                                                                                               **e),
                                    order=method_order(method, len(sc["conditions"])))
-                    record(out["bound_rows"], "bound", bound, sc, method, r, at)
-    out["bound"] = pick(out["bound_rows"], "bound", BOUND_SWEEP)
-    for at in scales:
-        for project in PROJECT_SWEEP:
-            for sc in DEFAULTS_TUNING:
-                for method in BOUND_METHODS:
-                    if method.startswith("dep") and len(sc["conditions"]) != 2:
-                        continue
-                    extra = {"rescale": "none"} if method.startswith("cagrad") else {}
-                    r = run_method(world, sc, method, seeds, at, steps, batch_size,
-                                   lambda m=method, p=project, e=extra: make_combiner(m, bound=out["bound"], project=p,
-                                                                                       **e),
-                                   order=method_order(method, len(sc["conditions"])))
-                    record(out["project_rows"], "project", project, sc, method, r, at)
-    out["project"] = pick(out["project_rows"], "project", PROJECT_SWEEP)
+                    record(out["term_rows"], "term", label, sc, method, r, at)
+    out["bound"], out["project"] = TERM_SWEEP[labels.index(pick(out["term_rows"], "term", labels))]
     for at in scales:
         for rescale in RESCALE_SWEEP:
             for sc in DEFAULTS_TUNING:
@@ -458,6 +450,11 @@ def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: floa
                 record(out["rescale_rows"], "rescale", rescale, sc, "cagrad c=0.5", r, at)
     out["rescale"] = pick(out["rescale_rows"], "rescale", RESCALE_SWEEP)
     return out
+
+
+def term_label(bound, project) -> str:
+    """A (bound, project) pair of the defaults sweep as its table shows it."""
+    return f"{bound} / {project}"
 
 
 # -- tuned mode ----------------------------------------------------------------------------------
@@ -728,11 +725,11 @@ def defaults_section(sweep: Optional[dict]) -> list[str]:
     lines += [
         f"Held-out scenarios: {tuning}; {sweep.get('samples', '?')} samples per run (seeds 80000..), at the chosen "
         f"step size and one notch above it (scales {sweep.get('scales', '?')}: a default must still hold when the "
-        "step size is turned up, and at the tuned scale alone no option fails). First the bound on the Hessian term "
-        f"(`bound`, both combiners, with the paper's term otherwise: no projection, CAGrad without rescaling) over "
-        f"{list(BOUND_SWEEP)} with {', '.join(BOUND_METHODS)}; then what loses its component along the score "
-        f"(`project`, same combiners) over {list(PROJECT_SWEEP)} at the chosen bound; then CAGrad's rescaling over "
-        f"{list(RESCALE_SWEEP)} at both. Rule for each: the fewest unhealthy runs over both scales (a healthy run: no "
+        "step size is turned up, and at the tuned scale alone no option fails). First, jointly (both act on the "
+        f"conditional term), the bound on the Hessian term (`bound`, over {list(BOUND_SWEEP)}) and what loses its "
+        f"component along the score (`project`, over {list(PROJECT_SWEEP)}), with {', '.join(BOUND_METHODS)} (CAGrad "
+        f"without rescaling); then CAGrad's rescaling over {list(RESCALE_SWEEP)} at the chosen pair. Rule for each: "
+        "the fewest unhealthy runs over both scales (a healthy run: no "
         "fallback, every sample finite and on the manifold), then the lowest mean TV distance over both, values "
         "within 0.01 of it counting as "
         f"tied (sampling noise); ties go to the derivation's value (bound {DERIVED_BOUND}), else to the paper's "
@@ -745,13 +742,14 @@ def defaults_section(sweep: Optional[dict]) -> list[str]:
            else " (NOT the same: re-check the defaults)."),
         "",
     ]
-    for key, values, rows in (("bound", BOUND_SWEEP, sweep["bound_rows"]),
-                              ("project", PROJECT_SWEEP, sweep.get("project_rows", [])),
+    for key, values, rows in (("bound", BOUND_SWEEP, sweep.get("bound_rows", [])),  # runs before the joint sweep
+                              ("term", [term_label(b, p) for b, p in TERM_SWEEP], sweep.get("term_rows", [])),
                               ("rescale", RESCALE_SWEEP, sweep["rescale_rows"])):
         if not rows:
             continue
         columns = list(dict.fromkeys((r["scenario"], r["method"]) for r in rows))
-        lines += [f"| {key} | scale | " + " | ".join(f"{sc} {m}" for sc, m in columns)
+        heading = "bound / project" if key == "term" else key
+        lines += [f"| {heading} | scale | " + " | ".join(f"{sc} {m}" for sc, m in columns)
                   + " | mean TV | unhealthy runs |", "|---|---|" + "---|" * (len(columns) + 2)]
         for v in values:
             for at in dict.fromkeys(r.get("scale") for r in rows):
