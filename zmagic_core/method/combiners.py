@@ -23,7 +23,7 @@ FD_STEP = 1e-3  # relative step of the forward difference: h ||v|| = FD_STEP ||x
 DEFAULT_BOUND = 1.0  # trust region of the Hessian term: ||H-term|| <= DEFAULT_BOUND ||g_tilde|| (docs/method.md)
 PROJECTIONS = ("none", "hessian", "conditional")
 DEFAULT_PROJECT = "conditional"  # g_{j|i} without its component along the score (chosen by the defaults sweep, docs/method.md)
-DEFAULT_RESCALE = "1/(1+c^2)"  # CAGrad's published code (chosen by the defaults sweep, docs/method.md); the paper: "none"
+DEFAULT_RESCALE = "1/(1+c)"  # ||G|| <= ||mean pair gradient|| (chosen by the defaults sweep, docs/method.md); the paper: "none"
 
 
 def _per_sample(v: torch.Tensor) -> torch.Tensor:
@@ -298,15 +298,15 @@ class CAGradOptions(_ConditionalOptions):
         "stack, n(n-1) points for the pairs); None = all in one call"))
     c: float = Field(0.5, ge=0.0, lt=1.0, description="radius of the conflict-averse ball, c in [0, 1)")
     rescale: Literal["none", "1/(1+c^2)", "1/(1+c)"] = Field(DEFAULT_RESCALE, description=(
-        "rescaling of the direction: '1/(1+c^2)' (default) as CAGrad's published code; '1/(1+c)' keeps "
-        "||G|| <= ||mean of the pair gradients|| (docs/method.md); 'none' is the paper's"))
+        "rescaling of the direction: '1/(1+c)' (default) keeps ||G|| <= ||mean of the pair gradients||; "
+        "'1/(1+c^2)' as CAGrad's published code (docs/method.md); 'none' is the paper's"))
 
 
 class CAGradCombiner(Combiner):
     """Algorithm 2: the conflict-averse direction over all ordered pair gradients g_ij = g_i + g_{j|i}.
 
     Defaults as dependent's (difference product, bounded Hessian term, no score component) and the direction rescaled by
-    1/(1+c^2); ``product='autograd', bound='none', project='none', rescale='none'`` is the paper's exact update."""
+    1/(1+c); ``product='autograd', bound='none', project='none', rescale='none'`` is the paper's exact update."""
 
     Options = CAGradOptions
     min_conditions = 2
