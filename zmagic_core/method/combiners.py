@@ -34,6 +34,13 @@ def _col(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.view(-1, *([1] * (ndim - 1)))
 
 
+def _check_choices(product: str, project: str) -> None:
+    if product not in PRODUCTS:
+        raise ValueError(f"unknown product {product!r}; expected one of {PRODUCTS}")
+    if project not in PROJECTIONS:
+        raise ValueError(f"unknown projection {project!r}; expected one of {PROJECTIONS}")
+
+
 def without_component(v: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """v minus its projection on ``direction``, per sample."""
     d, flat = direction.flatten(1), v.flatten(1)
@@ -76,10 +83,7 @@ def pair_conditional_gradients(step: GuidanceStep, ev: Evaluation, plan: list[tu
     one stacked network call (the g_tilde_j at each, one backward per round of second conditions),
     and every pair's difference point through another (``stack``: at most that many points per call).
     """
-    if product not in PRODUCTS:
-        raise ValueError(f"unknown product {product!r}; expected one of {PRODUCTS}")
-    if project not in PROJECTIONS:
-        raise ValueError(f"unknown projection {project!r}; expected one of {PROJECTIONS}")
+    _check_choices(product, project)
     if product == "autograd":
         split = bound is not None or project == "hessian"
         parts = [_autograd_products(step, ev, i, js, hessian, level, split=split) for i, js in plan]
@@ -214,13 +218,6 @@ class SumCombiner(Combiner):
 
 
 Bound = Optional[Union[Annotated[float, Field(gt=0)], Literal["none"]]]
-
-
-def _check_choices(product: str, project: str) -> None:
-    if product not in PRODUCTS:
-        raise ValueError(f"unknown product {product!r}; expected one of {PRODUCTS}")
-    if project not in PROJECTIONS:
-        raise ValueError(f"unknown projection {project!r}; expected one of {PROJECTIONS}")
 
 
 def _bound(value) -> Optional[float]:
