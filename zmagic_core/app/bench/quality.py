@@ -404,6 +404,8 @@ def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: floa
     scales = [scale, stress_scale(scale)]
     out: dict = {"term_rows": [], "rescale_rows": [], "scales": scales}
 
+    term_of = {term_label(b, p): (b, p) for b, p in TERM_SWEEP}
+
     def pick(rows, key, values):
         stats = {v: (sum(not r["healthy"] for r in rows if r[key] == v),
                      float(np.mean([r["tv_all"] for r in rows if r[key] == v]))) for v in values}
@@ -413,7 +415,7 @@ def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: floa
 
         def distance(v):  # from the derivation's value, then from the paper's
             if key == "term":
-                bound, project = TERM_SWEEP[values.index(v)]
+                bound, project = term_of[v]
                 return (math.inf if bound == "none" else abs(math.log(float(bound) / DERIVED_BOUND)),
                         PROJECT_SWEEP.index(project))
             return (RESCALE_SWEEP.index(v),)
@@ -427,9 +429,8 @@ def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: floa
             f"{r['joint']:.3f} on-manifold {r['on_manifold']:.3f} fallbacks {r['fallbacks']} bounded "
             f"{r['bounded_steps']} ({r['cpu_seconds']:.1f} s cpu)")
 
-    labels = [term_label(b, p) for b, p in TERM_SWEEP]
     for at in scales:
-        for (bound, project), label in zip(TERM_SWEEP, labels):
+        for label, (bound, project) in term_of.items():
             for sc in DEFAULTS_TUNING:
                 for method in BOUND_METHODS:
                     if method.startswith("dep") and len(sc["conditions"]) != 2:
@@ -440,7 +441,7 @@ def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: floa
                                                                                                **e),
                                    order=method_order(method, len(sc["conditions"])))
                     record(out["term_rows"], "term", label, sc, method, r, at)
-    out["bound"], out["project"] = TERM_SWEEP[labels.index(pick(out["term_rows"], "term", labels))]
+    out["bound"], out["project"] = term_of[pick(out["term_rows"], "term", list(term_of))]
     for at in scales:
         for rescale in RESCALE_SWEEP:
             for sc in DEFAULTS_TUNING:
@@ -742,11 +743,8 @@ def defaults_section(sweep: Optional[dict]) -> list[str]:
            else " (NOT the same: re-check the defaults)."),
         "",
     ]
-    for key, values, rows in (("bound", BOUND_SWEEP, sweep.get("bound_rows", [])),  # runs before the joint sweep
-                              ("term", [term_label(b, p) for b, p in TERM_SWEEP], sweep.get("term_rows", [])),
+    for key, values, rows in (("term", [term_label(b, p) for b, p in TERM_SWEEP], sweep["term_rows"]),
                               ("rescale", RESCALE_SWEEP, sweep["rescale_rows"])):
-        if not rows:
-            continue
         columns = list(dict.fromkeys((r["scenario"], r["method"]) for r in rows))
         heading = "bound / project" if key == "term" else key
         lines += [f"| {heading} | scale | " + " | ".join(f"{sc} {m}" for sc, m in columns)
