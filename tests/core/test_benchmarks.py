@@ -262,6 +262,21 @@ def test_cost_counts_passes_and_matches_the_floor_structure():
     assert stacked["passes"] == {"forward": 3, "backward": 3 + 2 + 1, "double": 0}
 
 
+def test_cost_under_ddim_skips_the_hessian_passes_the_bound_would_cut(tmp_path):
+    cases = ("sum", "dependent", "dependent-noH", "dependent-autograd", "dependent-paper", "cagrad-paper")
+    for case in cases:
+        passes = cost.run_case("shapes", case, 2, 32, 2, 1, 1, solver="ddim")["passes"]
+        assert passes == cost.floor(case, 2, "ddim"), case
+    assert cost.floor("dependent", 2, "ddim") == cost.floor("dependent-noH", 2) == {"forward": 3, "backward": 2, "double": 0}
+    assert cost.floor("cagrad", 3, "ddim") == {"forward": 10, "backward": 9, "double": 0}
+    assert cost.floor("dependent-paper", 2, "ddim") == cost.floor("dependent-paper", 2)  # unbounded: keeps it
+    stacked = cost.run_case("shapes", "cagrad", 3, 32, 2, 1, 1, solver="ddim")
+    assert stacked["passes"] == {"forward": 3, "backward": 3 + 2, "double": 0}  # no backward at the difference points
+    args = cost.parse(["--models", "shapes", "--n", "2", "--solver", "ddim", "--out", str(tmp_path)])
+    text = cost.page_section(args, {"argv": ["--solver", "ddim"]}, [cost.run_case("shapes", "sum", 2, 32, 1, 1, 1, "ddim")], {})
+    assert "50-step DDIM (eta = 0) schedule (t = 980, 960, ...)" in text and "trust region is empty" in text
+
+
 def test_cost_runs_named_combiners(half_sum):
     combiners, specs = cost.labels(f"dependent,{half_sum}")
     assert combiners == ["sum", "dependent", half_sum]  # sum always runs: the ratios are to sum

@@ -128,6 +128,39 @@ def test_a_deterministic_step_trusts_no_hessian_term(mixture_step):
     torch.testing.assert_close(bounded, plain, rtol=1e-5, atol=1e-6)
 
 
+class Counting(torch.nn.Module):
+    """An energy that records, for each evaluation, whether a double backward was declared for it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, images):
+        self.seen.append(double_backward_expected())
+        return self.inner(images)
+
+
+@pytest.mark.parametrize("kind,options", [(DependentCombiner, {}), (DependentCombiner, {"product": "autograd"}),
+                                          (CAGradCombiner, {})], ids=["difference", "autograd", "cagrad"])
+def test_an_empty_trust_region_skips_the_hessian_pass(mixture_step, tiny_energies, kind, options):
+    """Under DDIM(eta=0) the bound cuts the H-term to nothing: its pass is not taken, the result is the one
+    without the H-term, and every pair is reported as bounded."""
+    def run(solver, hessian=True):
+        first = Counting(tiny_energies[0])
+        conds = [Condition("a", first, "fixed", 2.0), Condition("b", tiny_energies[1], "fixed", 3.0)]
+        out = kind(hessian=hessian, **options).combine(mixture_step(solver, conditions=conds)())
+        return out, first.seen
+
+    cut, seen = run(DDIMSolver(0.0))
+    plain, plain_seen = run(DDIMSolver(0.0), hessian=False)
+    torch.testing.assert_close(cut.guidance, plain.guidance, rtol=1e-5, atol=1e-6)
+    assert seen == plain_seen and True not in seen
+    pairs = 2 if kind is CAGradCombiner else 1
+    assert cut.info["bounded"].tolist() == [pairs] * 3
+    _, noisy = run(DDIMSolver(0.7))  # a noisy step keeps the H-term and pays for it: one more evaluation
+    assert len(noisy) > len(seen) or True in noisy  # (difference) or a double backward (autograd)
+
+
 class Watching(ShapesModel):
     """Records, for every network pass, whether a double backward was declared for it."""
 

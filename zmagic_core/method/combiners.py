@@ -84,13 +84,15 @@ def pair_conditional_gradients(step: GuidanceStep, ev: Evaluation, plan: list[tu
     and every pair's difference point through another (``stack``: at most that many points per call).
     """
     _check_choices(product, project)
+    trust = None if bound is None else bound * step_noise_fraction(step)
+    cut = hessian and trust == 0.0  # an empty trust region (a deterministic step) cuts the H-term to nothing
+    hessian = hessian and not cut  # so the pass that would compute it is skipped
     if product == "autograd":
         split = bound is not None or project == "hessian"
         parts = [_autograd_products(step, ev, i, js, hessian, level, split=split) for i, js in plan]
     else:
         parts = _difference_products(step, ev, plan, hessian, level, fd_step, stack)
-    bounded = torch.zeros(ev.x.shape[0], device=ev.x.device)
-    trust = None if bound is None else bound * step_noise_fraction(step)
+    bounded = torch.full((ev.x.shape[0],), float(sum(len(js) for _, js in plan)) if cut else 0.0, device=ev.x.device)
     score = ev.score.detach()  # the noise direction: moving x_t along it changes its noise level, not its content
     out = []
     for terms in parts:
@@ -112,6 +114,12 @@ def pair_conditional_gradients(step: GuidanceStep, ev: Evaluation, plan: list[tu
     if info is not None and bound is not None:
         info["bounded"] = bounded  # per sample: how many pairs had their Hessian term cut by the bound
     return out
+
+
+def hessian_term_wanted(step: GuidanceStep, hessian: bool, bound: Optional[float]) -> bool:
+    """Whether the H-term is computed at this step: asked for, and not cut to nothing by an empty trust
+    region (bound * nu = 0 on a deterministic step, where its passes would be wasted)."""
+    return hessian and (bound is None or bound * step_noise_fraction(step) > 0.0)
 
 
 def step_noise_fraction(step: GuidanceStep) -> float:
@@ -279,7 +287,8 @@ class DependentCombiner(Combiner):
         # G needs g1 at x_t only; g2 there feeds nothing but the trace's cos(g1, g2).
         guided = [True, self.trace_cosine]
         if self.product == "autograd":  # g1 differentiable again (Hessian term), the graph kept for the VJP
-            ev = step.base(create_graph=[self.hessian, False], guided=guided, keep_graph=True)
+            hessian = hessian_term_wanted(step, self.hessian, self.bound)
+            ev = step.base(create_graph=[hessian, False], guided=guided, keep_graph=True)
         else:
             ev = step.base(guided=guided, keep_graph=False)
         info: dict = {}
@@ -320,7 +329,7 @@ class CAGradCombiner(Combiner):
         """All ordered pairs (i, j) and their gradients, shape (m, B, ...)."""
         n = len(step.conditions)
         if self.product == "autograd":
-            ev = step.base(create_graph=self.hessian, keep_graph=True)
+            ev = step.base(create_graph=hessian_term_wanted(step, self.hessian, self.bound), keep_graph=True)
         else:
             ev = step.base(keep_graph=False)
         plan = [(i, [j for j in range(n) if j != i]) for i in range(n)]

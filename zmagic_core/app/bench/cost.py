@@ -60,6 +60,9 @@ CASE_HELP = {
                     "no bound, no rescaling",
 }
 MODELS = ("shapes", "tiny-unet", "celebahq-unet")
+SOLVERS = ("ddpm", "ddim")
+SCHEDULE_STEPS = {"ddpm": 100, "ddim": 50}  # the usual step counts of each
+SOLVER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM (eta = 0)"}
 CELEBAHQ_UNET = dict(  # google/ddpm-ema-celebahq-256 unet config, random weights
     in_channels=3, out_channels=3, layers_per_block=2,
     block_out_channels=(128, 128, 256, 256, 512, 512),
@@ -209,13 +212,14 @@ def make_combiner(name: str):
     return spec.build()
 
 
-def run_case(model_name: str, combiner: str, n: int, size: int, batch: int, steps: int, threads: int) -> dict:
+def run_case(model_name: str, combiner: str, n: int, size: int, batch: int, steps: int, threads: int,
+             solver: str = "ddpm") -> dict:
     import torch
 
     from zmagic_core.method.guidance import Condition
     from zmagic_core.sampling.pipeline import Pipeline
     from zmagic_core.models.shapes import ShapesModel
-    from zmagic_core.method.solvers import DDPMSolver
+    from zmagic_core.method.solvers import DDIMSolver, DDPMSolver
     from zmagic_core.app.bench.quality import build_energy
 
     torch.set_num_threads(threads)
@@ -226,7 +230,8 @@ def run_case(model_name: str, combiner: str, n: int, size: int, batch: int, step
     import cvxpy  # noqa: F401  (imported before the memory baseline, for every combiner alike)
 
     model = counting_model(base)
-    pipe = Pipeline(model, DDPMSolver(), make_combiner(combiner), conditions, steps=100)
+    step_map = DDIMSolver(0.0) if solver == "ddim" else DDPMSolver()
+    pipe = Pipeline(model, step_map, make_combiner(combiner), conditions, steps=SCHEDULE_STEPS[solver])
     pipe.schedule.timesteps = pipe.schedule.timesteps[:steps + 1]  # a warm-up step, then `steps` timed ones
     rss_before = rss_mb()
     marks: list[tuple[float, dict]] = []
@@ -243,6 +248,7 @@ def run_case(model_name: str, combiner: str, n: int, size: int, batch: int, step
     k = len(timed)
     per_step = {key: (c1[key] - c0[key]) / k for key in c1}
     return {"model": model_name, "description": description, "combiner": combiner, "n": n, "size": size,
+            "solver": solver,
             "batch": batch, "steps_timed": k, "seconds_per_step": (t1 - t0) / k,
             "first_step_seconds": first[0] - start[0], "passes": per_step,
             "peak_mb": rss_mb() - rss_before, "rss_mb": rss_mb()}
@@ -290,10 +296,16 @@ def unit_costs(model_name: str, size: int, batch: int, threads: int, repeats: in
 
 
 # -- floors ----------------------------------------------------------------------------------------
-def floor(combiner: str, n: int) -> dict:
+def floor(combiner: str, n: int, solver: str = "ddpm") -> dict:
     """The fewest network passes per step the maths needs (one pass = one sample batch, one
-    cotangent; the counts of batched VJPs are given separately)."""
+    cotangent; the counts of batched VJPs are given separately).  Under ``ddim`` (eta = 0) the bound's
+    trust region is empty: the bounded cases compute no Hessian term."""
     m = n * (n - 1)
+    if solver == "ddim" and combiner in ("dependent", "dependent-autograd", "cagrad"):
+        if combiner == "dependent-autograd":  # one unsplit VJP through s: (2, 3, 0)
+            return {"forward": 2, "backward": 3, "double": 0}
+        full = floor(combiner, n)  # the difference points need their forward only: m backward fewer
+        return {**full, "backward": full["backward"] - (1 if combiner == "dependent" else m)}
     if combiner == "sum":  # one forward at x_t serves every g_i; n VJPs (adaptive rho_i needs each |grad E_i|)
         return {"forward": 1, "backward": n, "double": 0}
     if combiner == "dependent":  # g1 at x_t; g_tilde at x_hat; s and g1 at x + h g_tilde
@@ -341,7 +353,7 @@ def child(args) -> int:
                                                                           args.batch, args.threads)}))
         return 0
     print(json.dumps(run_case(args.child_model, args.child_combiner, args.child_n, args.child_size,
-                              args.batch, args.child_steps, args.threads)))
+                              args.batch, args.child_steps, args.threads, args.solver)))
     return 0
 
 
@@ -379,6 +391,7 @@ def page_section(args, meta: dict, rows, units) -> str:
     """The page's ``cost`` section; ``meta``: the run's record in cost.json (argv, machine, date, wall,
     version) and ``args`` its options (from the command line, or from cost.json on --replot)."""
     named = getattr(args, "combiners", None)
+    solver = getattr(args, "solver", "ddpm")  # pages written before the option existed ran DDPM
     lines = [
         "## Cost: network passes, time and memory per guided step",
         "",
@@ -387,7 +400,9 @@ def page_section(args, meta: dict, rows, units) -> str:
         f"Code: {code(meta)}  ",
         f"Date: {meta.get('date') or 'not recorded'}; wall time {_wall(meta)} (CPU shared with other jobs; ratios are within this run).",
         "",
-        f"Batch {args.batch} sample(s) per step; first steps of a 100-step DDPM schedule (t = 990, 980, ...), "
+        f"Batch {args.batch} sample(s) per step; first steps of a {SCHEDULE_STEPS[solver]}-step "
+        f"{SOLVER_NAMES[solver]} schedule (t = {1000 - 1000 // SCHEDULE_STEPS[solver]}, "
+        f"{1000 - 2 * 1000 // SCHEDULE_STEPS[solver]}, ...), "
         f"one warm-up step then {args.steps} timed step(s) ({args.celebahq_steps} for the CelebA-HQ UNet); "
         "adaptive step rule. Conditions, in order: " + ", ".join(f"{n} ({k})" for n, k, _ in CONDITIONS)
         + " (shapes-world energies on the decoded clean estimate; n = 2 uses the first two). "
@@ -428,6 +443,12 @@ def page_section(args, meta: dict, rows, units) -> str:
         "(with graph); n forwards at the x_hat_i, m g_tilde backward passes; one VJP per pair (m backward + m double "
         "backward): (1 + n, n + 2m, m); batched VJPs (one `is_grads_batched` call per first condition) bring its "
         "counted calls below that.",
+    ] + ([
+        "- Under DDIM (eta = 0), this page's solver, the bound's trust region is empty (no noise in the step): "
+        "dependent, dependent-autograd and cagrad compute no Hessian term, so the difference points need their "
+        "forward only: dependent (3, 2, 0), dependent-autograd one unsplit VJP (2, 3, 0), cagrad "
+        "(1 + n + m, n + m, 0); the paper's cases are unbounded and keep it.",
+    ] if solver == "ddim" else []) + [
         "",
         "Cases: " + "; ".join(f"**{k}**: {v}" for k, v in CASE_HELP.items()) + ".",
         "",
@@ -458,7 +479,7 @@ def page_section(args, meta: dict, rows, units) -> str:
                   "|---|" + "---|" * 11]
         for r in mrows:
             s = next((x for x in mrows if x["combiner"] == "sum" and x["n"] == r["n"]), None)
-            fl = floor(r["combiner"], r["n"]) if r["combiner"] in COMBINERS else None
+            fl = floor(r["combiner"], r["n"], solver) if r["combiner"] in COMBINERS else None
             fl_sum = floor("sum", r["n"])
             pred = counted = "-"
             p = r["passes"]
@@ -512,7 +533,7 @@ def cvxpy_section(meta: dict, rows) -> str:
     return "\n".join(lines)
 
 
-ARGS = ("models", "n", "batch", "steps", "celebahq_size", "celebahq_steps", "threads", "combiners")
+ARGS = ("models", "n", "batch", "steps", "celebahq_size", "celebahq_steps", "threads", "combiners", "solver")
 
 
 def parse(argv):
@@ -527,6 +548,9 @@ def parse(argv):
     p.add_argument("--celebahq-size", type=int, default=64)
     p.add_argument("--celebahq-steps", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--solver", choices=SOLVERS, default="ddpm",
+                   help="ddpm (100 steps, the default) or ddim (eta = 0, 50 steps: the bound's trust region is "
+                        "empty there, so the Hessian term's passes are skipped)")
     add_out_argument(p)
     p.add_argument("--no-page", action="store_true", help="print only (no page, no JSON)")
     p.add_argument("--cvxpy-only", action="store_true", help="only time the CAGrad dual (its own page section)")
@@ -598,7 +622,7 @@ def main(argv: list[str]) -> int:
     started = time.time()
     meta = {"argv": list(argv), "date": now(), "machine": machine(), "version": version(),
             "args": {key: getattr(args, key) for key in ARGS}}
-    common = ["--batch", str(args.batch), "--threads", str(args.threads)]
+    common = ["--batch", str(args.batch), "--threads", str(args.threads), "--solver", args.solver]
     rows, units = [], {}
     for model in args.models:
         size = sizes(args)[model]
