@@ -59,15 +59,19 @@ from zmagic_core.method.solvers import DDIMSolver, DDPMSolver
 BANDS = ((1000, 700), (700, 400), (400, 100), (100, -1))  # t in [hi, lo): "t in [1000,700)", ..., "[100,0]"
 BAND_NAMES = ("[1000,700)", "[700,400)", "[400,100)", "[100,0]")
 
+STAGED = " staged"  # a label's suffix: the appearance conditions start late (see STAGE_SWEEP)
+LAYOUT_KINDS = ("mask", "keypoints")  # where the shape is: guided from the first step in a staged run
 TWO_CONDITION_METHODS = ["none", "sum", "dep 1>2", "dep 2>1", "dep-noH 1>2", "dep-noH 2>1", "dep 1>2 autograd",
                          "dep 1>2 paper", "cagrad c=0", "cagrad c=0.5", "oracle"]
 # the headline scenario only: CAGrad's exact modes and c = 0.8
 ALL_METHODS = TWO_CONDITION_METHODS[:-1] + ["cagrad c=0.5 autograd", "cagrad c=0.5 paper", "cagrad c=0.8", "oracle"]
+# layout + appearance scenarios also run these (appearance conditions guided only from the staged start down)
+STAGED_METHODS = ["sum staged", "dep 1>2 staged", "cagrad c=0 staged", "cagrad c=0.5 staged"]
 
 # -- scenarios -----------------------------------------------------------------------------------
 # (name, kind, options); kinds: attribute (attribute, value), mask / keypoints / style (reference)
 SCENARIOS = [
-    {"name": "attr+mask", "methods": ALL_METHODS, "conditions": [("red", "attribute", {"attribute": "color", "value": "red"}),
+    {"name": "attr+mask", "methods": ALL_METHODS[:-1] + STAGED_METHODS + ["oracle"], "conditions": [("red", "attribute", {"attribute": "color", "value": "red"}),
                                           ("mask", "mask", {"reference": "red circle center"})],
      "why": "dependent: the mask is colour-blind and fixes shape and position, the classifier fixes the colour; "
             "both pull x_t towards the prototypes they share (only the red circle in the centre)"},
@@ -78,7 +82,8 @@ SCENARIOS = [
     {"name": "keypoints+mask", "conditions": [("kp", "keypoints", {"reference": "green square left"}),
                                                ("mask", "mask", {"reference": "green square left"})],
      "why": "strongly dependent (nearly redundant): the mask's centroid is the keypoint"},
-    {"name": "indep: color+keypoints", "conditions": [("red", "attribute", {"attribute": "color", "value": "red"}),
+    {"name": "indep: color+keypoints", "methods": TWO_CONDITION_METHODS[:-1] + STAGED_METHODS + ["oracle"],
+     "conditions": [("red", "attribute", {"attribute": "color", "value": "red"}),
                                                        ("kp", "keypoints", {"reference": "red square top"})],
      "why": "(nearly) independent: the prior is a product over shape x colour x position, and the keypoint "
             "energy is exactly colour-blind (every colour is at the same distance from the grey background, "
@@ -90,19 +95,19 @@ SCENARIOS = [
                     ("mask", "mask", {"reference": "red circle center"})],
      "why": "the first scenario under deterministic DDIM (eta = 0) instead of ancestral sampling",
      "methods": ["none", "sum", "dep 1>2", "dep-noH 1>2", "dep 1>2 autograd", "dep 1>2 paper", "cagrad c=0.5",
-                 "cagrad c=0.5 paper", "oracle"]},
+                 "cagrad c=0.5 paper", "sum staged", "dep 1>2 staged", "oracle"]},
     {"name": "3 conditions", "conditions": [("circle", "attribute", {"attribute": "shape", "value": "circle"}),
                                              ("style", "style", {"reference": "blue circle center"}),
                                              ("kp", "keypoints", {"reference": "blue circle top"})],
      "why": "shape classifier + colour/area style + position keypoint: blue or yellow circles at the top",
      "methods": ["none", "sum", "cagrad c=0", "cagrad c=0.5", "cagrad c=0.5 autograd", "cagrad c=0.5 paper",
-                 "oracle"]},
+                 "sum staged", "cagrad c=0 staged", "cagrad c=0.5 staged", "oracle"]},
     {"name": "4 conditions", "conditions": [("green", "attribute", {"attribute": "color", "value": "green"}),
                                              ("triangle", "attribute", {"attribute": "shape", "value": "triangle"}),
                                              ("mask", "mask", {"reference": "green triangle bottom"}),
                                              ("kp", "keypoints", {"reference": "green triangle bottom"})],
      "why": "colour + shape classifiers + mask + keypoint: only the green triangle at the bottom",
-     "methods": ["none", "sum", "cagrad c=0", "cagrad c=0.5", "oracle"]},
+     "methods": ["none", "sum", "cagrad c=0", "cagrad c=0.5", "sum staged", "cagrad c=0 staged", "oracle"]},
 ]
 
 # held-out scenarios for the step-size sweep: other values and references than any reported one
@@ -134,6 +139,13 @@ DEFAULTS_TUNING = TUNING + [
                                                   ("style", "style", {"reference": "yellow square center"}),
                                                   ("kp", "keypoints", {"reference": "yellow square bottom"})]},
 ]
+# the staged start of the appearance conditions is chosen on these (every one mixes layout and appearance)
+STAGE_TUNING = [DEFAULTS_TUNING[0], DEFAULTS_TUNING[-1],
+                {"name": "tune color+keypoints", "conditions": [
+                    ("yellow", "attribute", {"attribute": "color", "value": "yellow"}),
+                    ("kp", "keypoints", {"reference": "yellow circle left"})]}]
+STAGE_SWEEP = (None, 800, 700, 600, 500, 400)  # None: every condition from the first step (no staging)
+STAGE_METHODS = ("sum", "cagrad c=0")
 BOUND_SWEEP = (0.25, 1.0, 4.0, "none")
 DERIVED_BOUND = 1.0  # what the no-overshoot argument gives (docs/method.md); ties in the sweep go to it
 BOUND_METHODS = ("dep 1>2", "dep 2>1", "cagrad c=0.5")
@@ -158,6 +170,8 @@ METHOD_HELP = {
     "cagrad c=0.5 paper": "CAGrad, c = 0.5 as in the paper: exact products, no bound, no projection, no rescaling",
     "cagrad c=0.8": "CAGrad, c = 0.8",
     "oracle": "exact conditional model (mixture reweighted by prod_i p(c_i|k)), no guidance",
+    **{m: f"`{m[:-len(STAGED)]}` with the appearance conditions (attribute, style) guiding only from the staged start "
+          "down (section 'Staged guidance'), the layout ones (mask, keypoints) from the first step" for m in STAGED_METHODS},
 }
 
 
@@ -174,7 +188,9 @@ def build_energy(world: ShapesModel, kind: str, options: dict):
 
 
 def make_combiner(method: str, **options) -> Combiner:
-    """The built-in labels: 'sum', 'dep[-noH] 1>2|2>1 [autograd|paper]', 'cagrad c=X [autograd|paper]'."""
+    """The built-in labels: 'sum', 'dep[-noH] 1>2|2>1 [autograd|paper]', 'cagrad c=X [autograd|paper]' (a ' staged'
+    suffix changes the conditions' windows, not the combiner)."""
+    method = method.removesuffix(STAGED)
     if method in ("none", "oracle", "sum"):
         return SumCombiner()
     words = method.split()
@@ -234,10 +250,11 @@ class Recorder(Combiner):
 
 def run_method(world: ShapesModel, scenario: dict, method: str, seeds: list[int], scale: float, steps: int,
                batch_size: int, combiner: Optional[Callable[[], Combiner]] = None,
-               order: Optional[list[int]] = None) -> dict:
+               order: Optional[list[int]] = None, stage: Optional[int] = None) -> dict:
     """One method on one scenario for one seed set; every figure from this run.  ``method`` is the
     label; ``combiner`` builds its combiner (default: ``make_combiner(method)``, the built-in labels);
-    ``order``: the conditions' order (default: the built-in label's, else the scenario's)."""
+    ``order``: the conditions' order (default: the built-in label's, else the scenario's); ``stage``: the
+    appearance conditions (kinds other than LAYOUT_KINDS) guide only for t <= stage (None: every step)."""
     energies = [build_energy(world, kind, opts) for _, kind, opts in scenario["conditions"]]
     names = [name for name, _, _ in scenario["conditions"]]
     joint = world.conditioned(target_log_weights(world, energies))
@@ -245,7 +262,14 @@ def run_method(world: ShapesModel, scenario: dict, method: str, seeds: list[int]
     if order is None:
         order = method_order(method, len(energies)) if combiner is None else list(range(len(energies)))
     guided = method not in ("none", "oracle")
-    conditions = [Condition(names[i], energies[i], "adaptive", scale, start=(10**6 if guided else -1)) for i in order]
+    kinds = [kind for _, kind, _ in scenario["conditions"]]
+
+    def start(i):
+        if not guided:
+            return -1
+        return 10**6 if stage is None or kinds[i] in LAYOUT_KINDS else stage
+
+    conditions = [Condition(names[i], energies[i], "adaptive", scale, start=start(i)) for i in order]
     recorder = Recorder(combiner() if combiner is not None else make_combiner(method), world, joint, singles)
     model = joint if method == "oracle" else world
     solver = DDIMSolver(0.0) if scenario.get("solver") == "ddim" else DDPMSolver()
@@ -451,6 +475,36 @@ def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: floa
                 record(out["rescale_rows"], "rescale", rescale, sc, "cagrad c=0.5", r, at)
     out["rescale"] = pick(out["rescale_rows"], "rescale", RESCALE_SWEEP)
     return out
+
+
+def staging_sweep(world, samples: int, steps: int, batch_size: int, scale: float, log) -> dict:
+    """When the appearance conditions start (``stage``), on STAGE_TUNING with STAGE_METHODS at the chosen scale.
+
+    Rule: the fewest unhealthy runs, then the lowest mean TV distance; values within 0.01 of it count as tied
+    (sampling noise) and ties go to no staging, then to the earliest start (the least change)."""
+    seeds = list(range(80_000, 80_000 + samples))
+    rows = []
+    for stage in STAGE_SWEEP:
+        for sc in STAGE_TUNING:
+            for method in STAGE_METHODS:
+                r = run_method(world, sc, method, seeds, scale, steps, batch_size, stage=stage)
+                rows.append({"stage": stage_label(stage), "scenario": sc["name"], "method": method,
+                             "tv_all": r["tv_all"], "joint": r["joint"], "on_manifold": r["on_manifold"],
+                             "satisfaction": r["satisfaction"], "healthy": _healthy(r)})
+                log(f"staging sweep {stage_label(stage)} {sc['name']} {method}: TV {r['tv_all']:.3f} joint "
+                    f"{r['joint']:.3f} on-manifold {r['on_manifold']:.3f} ({r['cpu_seconds']:.1f} s cpu)")
+    labels = [stage_label(v) for v in STAGE_SWEEP]
+    stats = {v: (sum(not r["healthy"] for r in rows if r["stage"] == v),
+                 float(np.mean([r["tv_all"] for r in rows if r["stage"] == v]))) for v in labels}
+    fewest = min(u for u, _ in stats.values())
+    best_tv = min(tv for u, tv in stats.values() if u == fewest)
+    chosen = next(v for v in labels if stats[v][0] == fewest and stats[v][1] <= best_tv + 0.01)  # sweep order
+    return {"rows": rows, "samples": samples, "scale": scale, "stage": STAGE_SWEEP[labels.index(chosen)]}
+
+
+def stage_label(stage: Optional[int]) -> str:
+    """A staged start as the sweep's table shows it."""
+    return "none" if stage is None else f"t <= {stage}"
 
 
 def term_label(bound, project) -> str:
@@ -770,6 +824,41 @@ def defaults_section(sweep: Optional[dict]) -> list[str]:
     return lines
 
 
+def staging_section(sweep: Optional[dict]) -> list[str]:
+    """The lines of the staging sweep (when the appearance conditions start), if it ran."""
+    lines = ["### Staged guidance: layout first (the start chosen on held-out scenarios)", ""]
+    if not sweep:
+        return lines
+    tuning = "; ".join(f"{t['name']} ({' + '.join(f'{k} {o}' for _, k, o in t['conditions'])})" for t in STAGE_TUNING)
+    chosen = sweep.get("stage", "given on the command line")
+    lines += [
+        "The `staged` rows guide the layout conditions (mask, keypoints: where the shape is, which the sampler "
+        "decides at high noise) from the first step and the appearance conditions (attribute, style: FreeDoM's "
+        "estimate of which on the blurry clean estimate of high noise also pulls on position) only for t <= the "
+        "staged start; every condition is an ordinary per-condition window (`start` in a recipe). "
+        + ("The start is given on the command line (`--staged-start`): no sweep." if not sweep.get("rows") else
+           f"Held-out scenarios: {tuning}; {sweep.get('samples', '?')} samples per run (seeds 80000..) at scale "
+           f"{sweep.get('scale', '?')}, with {', '.join(STAGE_METHODS)}, over {[stage_label(v) for v in STAGE_SWEEP]}. "
+           "Rule: the fewest unhealthy runs, then the lowest mean TV distance, values within 0.01 of it tied (sampling "
+           "noise), ties to no staging, then to the earliest start."),
+        "",
+        f"Chosen: **{stage_label(chosen) if not isinstance(chosen, str) else chosen}**.",
+        "",
+    ]
+    if sweep.get("rows"):
+        rows = sweep["rows"]
+        columns = list(dict.fromkeys((r["scenario"], r["method"]) for r in rows))
+        lines += ["| start | " + " | ".join(f"{sc} {m}" for sc, m in columns) + " | mean TV | unhealthy runs |",
+                  "|---|" + "---|" * (len(columns) + 2)]
+        for v in dict.fromkeys(r["stage"] for r in rows):
+            mine = {(r["scenario"], r["method"]): r for r in rows if r["stage"] == v}
+            cells = [f"{mine[c]['tv_all']:.2f} (j {mine[c]['joint']:.2f})" if c in mine else "-" for c in columns]
+            lines.append(f"| {v} | " + " | ".join(cells) + f" | {np.mean([r['tv_all'] for r in mine.values()]):.3f} | "
+                         f"{sum(not r['healthy'] for r in mine.values())} |")
+        lines += ["", "Cells: TV distance (j = joint satisfaction).", ""]
+    return lines
+
+
 FLOW_NOTE = (" as a flow-matching model (`--model shapes-flow`: exact velocity, x_s = (1 - s) x0 + s eps, "
              "sampled in VP coordinates; docs/method.md, Flow matching)")
 
@@ -791,7 +880,7 @@ def page_section(args, meta: dict, scale, sweep_rows, results, scenarios, figure
         f"scenario says DDIM; {args.seeds_sets} seed sets of {len(seed_sets(args.samples, args.seeds_sets)[0])} samples "
         f"each (seeds 0.., 1000.., 2000.., ...; the same seeds for every method), so {args.samples // args.seeds_sets * args.seeds_sets} "
         "samples per method and scenario. Figures in tables: mean over the seed sets [min, max over the seed sets]. "
-        "Every condition is active at every step (no window, no time travel).",
+        "Every condition is active at every step (no window, no time travel), except in the `staged` rows.",
         "",
     ]
     if meta.get("combiners"):
@@ -854,6 +943,7 @@ def page_section(args, meta: dict, scale, sweep_rows, results, scenarios, figure
     else:
         lines += [f"Given on the command line: adaptive rule, scale {scale} for every condition and method (no sweep).", ""]
     lines += defaults_section(meta.get("defaults_sweep"))
+    lines += staging_section(meta.get("staging_sweep"))
     ran = list(dict.fromkeys(m for methods in results.values() for m in methods))
     helps = {**METHOD_HELP, **meta.get("method_help", {})}
     lines += ["### Methods", ""] + [f"- `{m}`: {helps.get(m, 'not described')}" for m in ran] + [""]
@@ -935,6 +1025,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "(without --scale it always runs)")
     p.add_argument("--defaults-samples", type=int, default=None,
                    help="samples per run of that sweep (default 48; --quick 16)")
+    p.add_argument("--staged-start", type=int, default=None, metavar="T",
+                   help="the appearance conditions of the `staged` rows guide for t <= T (default: chosen by a sweep "
+                        "on held-out scenarios)")
+    p.add_argument("--staging-samples", type=int, default=64, help="samples per run of the staging sweep (default 64)")
     p.add_argument("--scenarios", nargs="*", default=None, help="names of the scenarios to run (default all)")
     p.add_argument("--methods", nargs="*", default=None, help="restrict the methods (default: each scenario's list)")
     p.add_argument("--combiners", default=None, metavar="NAME[:K=V...],...",
@@ -1044,6 +1138,15 @@ def main(argv: list[str]) -> int:
         defaults = defaults_sweep(world, args.defaults_samples, args.steps, args.batch_size, scale, log)
         meta["defaults_sweep"] = {"samples": args.defaults_samples, **defaults}
         log(f"defaults sweep: bound {defaults['bound']}, project {defaults['project']}, rescale {defaults['rescale']}")
+    stage = args.staged_start
+    if any(m.endswith(STAGED) for methods, _ in plans.values() for m, _ in methods):
+        if stage is None:
+            staging = staging_sweep(world, args.staging_samples, args.steps, args.batch_size, scale, log)
+            stage = staging["stage"]
+            meta["staging_sweep"] = staging
+            log(f"staging sweep: {stage_label(stage)}")
+        else:
+            meta["staging_sweep"] = {"stage": stage}
     sets = seed_sets(args.samples, args.seeds_sets)
     results: dict[str, dict[str, list[dict]]] = {}
     tuned: dict = {}
@@ -1058,8 +1161,10 @@ def main(argv: list[str]) -> int:
         results[sc["name"]] = {}
         for method, factory in methods:
             runs = []
+            staged = stage if method.endswith(STAGED) else None
             for seeds in sets:
-                runs.append(run_method(world, sc, method, seeds, scale, args.steps, args.batch_size, factory))
+                runs.append(run_method(world, sc, method, seeds, scale, args.steps, args.batch_size, factory,
+                                       stage=staged))
             results[sc["name"]][method] = runs
             if args.tuned and method in tuned["methods"]:  # the same method again at its own tuned scale
                 own = tuned["methods"][method]["scale"]
