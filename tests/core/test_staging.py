@@ -57,3 +57,18 @@ def test_the_staging_sweep_picks_by_health_then_tv_then_no_staging_then_the_earl
     assert len(out["rows"]) == len(quality.STAGE_SWEEP) * len(quality.STAGE_TUNING) * len(quality.STAGE_METHODS)
     page = "\n".join(quality.staging_section(out))
     assert "Chosen: **t <= 600**" in page and "| t <= 600 | 0.30 (j 0.50) |" in page
+
+
+def test_the_staged_example_recipe_holds_its_appearance_conditions_back():
+    """examples/shapes/three-conditions-staged.yaml: per-condition windows, as a user writes them."""
+    from pathlib import Path
+
+    from zmagic_core.assembly.build import build_pipeline, load_recipe
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "shapes" / "three-conditions-staged.yaml"
+    pipe = build_pipeline(load_recipe(path, ["solver.steps=10"]))
+    result = pipe.run([0, 1], batch_size=2, progress=False)
+    guided = [set(rec["grad_norm"]) for rec in result.trace[0]]
+    assert len(guided) == len(pipe.schedule.timesteps)
+    for t, names in zip(pipe.schedule.timesteps, guided):
+        assert names == ({"kp"} if t > 600 else {"kp", "circle", "style"}), t
