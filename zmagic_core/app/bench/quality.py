@@ -403,6 +403,16 @@ def sweep(world, samples: int, steps: int, batch_size: int, log) -> tuple[float,
     return best, rows
 
 
+def healthiest_then_lowest_tv(rows: list[dict], key: str, values: list, preference: Callable) -> object:
+    """The sweeps' rule: the values with the fewest unhealthy runs, among them those within 0.01 of the lowest
+    mean TV distance (sampling noise), and of those the first by ``preference``."""
+    stats = {v: (sum(not r["healthy"] for r in rows if r[key] == v),
+                 float(np.mean([r["tv_all"] for r in rows if r[key] == v]))) for v in values}
+    fewest = min(u for u, _ in stats.values())
+    best_tv = min(tv for u, tv in stats.values() if u == fewest)
+    return min((v for v in values if stats[v][0] == fewest and stats[v][1] <= best_tv + 0.01), key=preference)
+
+
 def _healthy(r: dict) -> bool:
     """No fallback fired, every sample finite and on the manifold."""
     return r["fallbacks"] == 0 and r["nonfinite_steps"] == 0 and r["on_manifold"] == 1.0
@@ -431,19 +441,13 @@ def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: floa
     term_of = {term_label(b, p): (b, p) for b, p in TERM_SWEEP}
 
     def pick(rows, key, values):
-        stats = {v: (sum(not r["healthy"] for r in rows if r[key] == v),
-                     float(np.mean([r["tv_all"] for r in rows if r[key] == v]))) for v in values}
-        fewest = min(u for u, _ in stats.values())
-        best_tv = min(tv for u, tv in stats.values() if u == fewest)
-        tied = [v for v in values if stats[v][0] == fewest and stats[v][1] <= best_tv + 0.01]
-
         def distance(v):  # from the derivation's value, then from the paper's
             if key == "term":
                 bound, project = term_of[v]
                 return (math.inf if bound == "none" else abs(math.log(float(bound) / DERIVED_BOUND)),
                         PROJECT_SWEEP.index(project))
             return (RESCALE_SWEEP.index(v),)
-        return min(tied, key=distance)
+        return healthiest_then_lowest_tv(rows, key, values, distance)
 
     def record(rows, key, value, sc, method, r, at):
         rows.append({key: value, "scale": at, "scenario": sc["name"], "method": method, "tv_all": r["tv_all"],
@@ -494,11 +498,7 @@ def staging_sweep(world, samples: int, steps: int, batch_size: int, scale: float
                 log(f"staging sweep {stage_label(stage)} {sc['name']} {method}: TV {r['tv_all']:.3f} joint "
                     f"{r['joint']:.3f} on-manifold {r['on_manifold']:.3f} ({r['cpu_seconds']:.1f} s cpu)")
     labels = [stage_label(v) for v in STAGE_SWEEP]
-    stats = {v: (sum(not r["healthy"] for r in rows if r["stage"] == v),
-                 float(np.mean([r["tv_all"] for r in rows if r["stage"] == v]))) for v in labels}
-    fewest = min(u for u, _ in stats.values())
-    best_tv = min(tv for u, tv in stats.values() if u == fewest)
-    chosen = next(v for v in labels if stats[v][0] == fewest and stats[v][1] <= best_tv + 0.01)  # sweep order
+    chosen = healthiest_then_lowest_tv(rows, "stage", labels, labels.index)  # ties: none, then the earliest start
     return {"rows": rows, "samples": samples, "scale": scale, "stage": STAGE_SWEEP[labels.index(chosen)]}
 
 
