@@ -255,6 +255,8 @@ def test_the_example_tune_file_is_checked_without_sampling():
     tune = read_tune(EXAMPLES / "shapes-tune.yaml")
     assert len(tune.validation) == 6 and len(tune.held_out) == 6
     assert not {r.key for r in tune.validation} & {r.key for r in tune.held_out}
+    staging = read_tune(EXAMPLES / "shapes-staging-tune.yaml")  # a window searched like any recipe path
+    assert [(p.path, p.values[0], p.values[-1]) for p in staging.spec.space] == [("conditions.0.start", 1000, 400)]
 
 
 # -- the quality benchmark's tuned mode ----------------------------------------------------------------
