@@ -72,3 +72,8 @@ def test_the_staged_example_recipe_holds_its_appearance_conditions_back():
     assert len(guided) == len(pipe.schedule.timesteps)
     for t, names in zip(pipe.schedule.timesteps, guided):
         assert names == ({"kp"} if t > 600 else {"kp", "circle", "style"}), t
+
+
+def test_a_run_without_staged_rows_has_no_staging_section():
+    assert quality.staging_section(None) == []
+    assert "`--staged-start`" in "\n".join(quality.staging_section({"stage": 700}))

@@ -825,10 +825,10 @@ def defaults_section(sweep: Optional[dict]) -> list[str]:
 
 
 def staging_section(sweep: Optional[dict]) -> list[str]:
-    """The lines of the staging sweep (when the appearance conditions start), if it ran."""
-    lines = ["### Staged guidance: layout first (the start chosen on held-out scenarios)", ""]
+    """The lines of the staging sweep (when the appearance conditions start); none when no staged row ran."""
     if not sweep:
-        return lines
+        return []
+    lines = ["### Staged guidance: layout first (the start chosen on held-out scenarios)", ""]
     tuning = "; ".join(f"{t['name']} ({' + '.join(f'{k} {o}' for _, k, o in t['conditions'])})" for t in STAGE_TUNING)
     chosen = sweep.get("stage", "given on the command line")
     lines += [
