@@ -44,7 +44,7 @@ def test_the_staging_sweep_picks_by_health_then_tv_then_no_staging_then_the_earl
     def sweep(tv, unhealthy=()):
         def fake_run(world, scenario, method, seeds, scale, steps, batch_size, combiner=None, order=None, stage=None):
             return {"tv_all": tv[stage], "joint": 0.5, "on_manifold": 0.9 if stage in unhealthy else 1.0,
-                    "satisfaction": {}, "fallbacks": 0, "nonfinite_steps": 0, "cpu_seconds": 0.0}
+                    "fallbacks": 0, "nonfinite_steps": 0, "cpu_seconds": 0.0}
         monkeypatch.setattr(quality, "run_method", fake_run)
         return quality.staging_sweep(None, 4, 5, 4, 0.5, lambda line: None)
 

@@ -85,8 +85,8 @@ def pair_conditional_gradients(step: GuidanceStep, ev: Evaluation, plan: list[tu
     """
     _check_choices(product, project)
     trust = None if bound is None else bound * step_noise_fraction(step)
-    cut = hessian and trust == 0.0  # an empty trust region (a deterministic step) cuts the H-term to nothing
-    hessian = hessian and not cut  # so the pass that would compute it is skipped
+    cut = hessian and not hessian_term_wanted(step, hessian, bound)  # an empty trust region: its pass is skipped
+    hessian = hessian and not cut
     if product == "autograd":
         split = bound is not None or project == "hessian"
         parts = [_autograd_products(step, ev, i, js, hessian, level, split=split) for i, js in plan]

@@ -494,7 +494,7 @@ def staging_sweep(world, samples: int, steps: int, batch_size: int, scale: float
                 r = run_method(world, sc, method, seeds, scale, steps, batch_size, stage=stage)
                 rows.append({"stage": stage_label(stage), "scenario": sc["name"], "method": method,
                              "tv_all": r["tv_all"], "joint": r["joint"], "on_manifold": r["on_manifold"],
-                             "satisfaction": r["satisfaction"], "healthy": _healthy(r)})
+                             "healthy": _healthy(r)})
                 log(f"staging sweep {stage_label(stage)} {sc['name']} {method}: TV {r['tv_all']:.3f} joint "
                     f"{r['joint']:.3f} on-manifold {r['on_manifold']:.3f} ({r['cpu_seconds']:.1f} s cpu)")
     labels = [stage_label(v) for v in STAGE_SWEEP]
