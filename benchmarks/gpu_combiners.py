@@ -13,12 +13,16 @@ pixel model, a second Gram energy), adaptive step rule.
 
 Cases, per architecture and dtype: sum (n = 2, 3), dependent with the forward-difference product
 (the default) and with the exact double-backward product (the paper's update), cagrad (c = 0.5,
-defaults: difference products) for n = 2 and 3, and cagrad with exact products for n = 2.  Each
-case runs in a fresh subprocess: the first `--steps` steps of a 100-step DDPM schedule, batch 1;
-time per step is the mean over the steps after the first (CUDA synchronised), memory is
-``torch.cuda.max_memory_allocated`` over the whole run (CPU: growth of the peak resident set).
-A case that runs out of memory is reported as such.  The table gives ratios to sum with the same n,
-architecture and dtype.
+defaults: difference products) for n = 2 and 3, cagrad n = 3 with `stack: 1` (one point per network
+call instead of all the x_hat_i in one call and all the difference points in another: less memory,
+more calls), and cagrad with exact products for n = 2.  Each
+case runs the first `--steps` steps of a 100-step DDPM schedule, batch 1; time per step is the mean
+over the steps after the first (CUDA synchronised).  On CUDA the cases of one architecture and dtype
+share a subprocess (the model is built once, on the GPU) and memory is the growth of
+``torch.cuda.max_memory_allocated`` over the weights, reset before each case; on the CPU every case
+has its own subprocess and memory is the growth of the peak resident set.  A case that runs out of
+memory is reported as such and the others still run.  The table gives ratios to sum with the same n,
+architecture and dtype; `--json` is rewritten after every case, so a run cut short keeps its rows.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ CASES = [
     ("cagrad-exact", {"kind": "cagrad", "c": 0.5, "product": "autograd", "bound": "none", "project": "none", "rescale": "none"}, 2),
     ("sum", {"kind": "sum"}, 3),
     ("cagrad", {"kind": "cagrad", "c": 0.5}, 3),
+    ("cagrad stack=1", {"kind": "cagrad", "c": 0.5, "stack": 1}, 3),
 ]
 ARCHS = ("pixel", "sd")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -100,7 +105,8 @@ def build(arch: str, args, dtype, device):
 
         size = 16 if args.tiny else args.pixel_size
         config = dict(TINY_PIXEL if args.tiny else CELEBAHQ_UNET, sample_size=size)
-        unet = UNet2DModel(**config).to(device, dtype)
+        with torch.device(device):  # random init on the GPU: seconds instead of a minute for SD's UNet
+            unet = UNet2DModel(**config).to(dtype)
         model = DiffusersPixelModel(unet, linear_alphas_cumprod(), sample_size=size).to(device)
         gram, color, gram2 = energies(size, device)
         conds = [Condition("style", gram, "adaptive", 0.5), Condition("color", color, "adaptive", 0.5),
@@ -112,8 +118,9 @@ def build(arch: str, args, dtype, device):
     from zmagic_core.models.pretrained.stable_diffusion import StableDiffusionModel
 
     size = 32 if args.tiny else args.sd_size
-    unet = UNet2DConditionModel(**(TINY_SD_UNET if args.tiny else SD14_UNET)).to(device, dtype)
-    vae = AutoencoderKL(**(TINY_SD_VAE if args.tiny else SD14_VAE)).to(device, dtype)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**(TINY_SD_UNET if args.tiny else SD14_UNET)).to(dtype)
+        vae = AutoencoderKL(**(TINY_SD_VAE if args.tiny else SD14_VAE)).to(dtype)
     width = 16 if args.tiny else 768
     gen = torch.Generator().manual_seed(1)
     cond, uncond = (torch.randn(1, 77, width, generator=gen).to(device, dtype) for _ in range(2))
@@ -133,7 +140,8 @@ def make_combiner(spec: dict):
     return {"sum": SumCombiner, "dependent": DependentCombiner, "cagrad": CAGradCombiner}[kind](**spec)
 
 
-def run_case(args) -> dict:
+def run_cases(args):
+    """Run the cases `args.cases` on one model (built once); yield a row per case."""
     import torch
 
     from zmagic_core.method.solvers import DDPMSolver
@@ -142,51 +150,75 @@ def run_case(args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    label, spec, n = CASES[args.case]
     model, conds, shape = build(args.arch, args, dtype, device)
-    recipe_conditions = conds[:n - len(model.model_conditions())]
-    pipe = Pipeline(model, DDPMSolver(), make_combiner(spec), recipe_conditions, steps=100)
-    pipe.schedule.timesteps = pipe.schedule.timesteps[:args.steps]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    base_rss = rss_mb()
-    if device.type == "cuda":
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        base_cuda = torch.cuda.memory_allocated()
-    stamps = [time.perf_counter()]
+    for case in args.cases:
+        label, spec, n = CASES[case]
+        row = {"arch": args.arch, "shape": shape, "dtype": args.dtype, "device": str(device), "case": label, "n": n}
+        if device.type == "cuda":
+            row["gpu"] = torch.cuda.get_device_name(device)
+            torch.cuda.empty_cache()
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+            base_cuda = torch.cuda.memory_allocated()
+        base_rss = rss_mb()
+        recipe_conditions = conds[:n - len(model.model_conditions())]
+        pipe = Pipeline(model, DDPMSolver(), make_combiner(spec), recipe_conditions, steps=100)
+        pipe.schedule.timesteps = pipe.schedule.timesteps[:args.steps]
+        stamps = [time.perf_counter()]
 
-    def callback(_):
-        sync()
-        stamps.append(time.perf_counter())
+        def callback(_):
+            sync()
+            stamps.append(time.perf_counter())
 
-    result = pipe.run([0], batch_size=1, progress=False, callback=callback)
-    per_step = [b - a for a, b in zip(stamps, stamps[1:])]
-    later = per_step[1:] or per_step
-    out = {"arch": args.arch, "shape": shape, "dtype": args.dtype, "device": str(device), "case": label, "n": n,
-           "s_per_step": sum(later) / len(later), "first_step_s": per_step[0],
-           "finite": bool(torch.isfinite(result.samples).all()), "errors": len(result.errors)}
-    if device.type == "cuda":
-        out["peak_MB"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
-        out["peak_total_MB"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        out["peak_MB"] = rss_mb() - base_rss
-    if result.errors:
-        out["error"] = next(iter(result.errors.values()))
-    return out
+        try:
+            result = pipe.run([0], batch_size=1, progress=False, callback=callback)
+        except torch.cuda.OutOfMemoryError:
+            yield dict(row, error="out of memory")
+            continue
+        per_step = [b - a for a, b in zip(stamps, stamps[1:])]
+        later = per_step[1:] or per_step
+        row.update(s_per_step=sum(later) / len(later), first_step_s=per_step[0],
+                   finite=bool(torch.isfinite(result.samples).all()), errors=len(result.errors))
+        if device.type == "cuda":
+            row["peak_MB"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+            row["weights_MB"] = base_cuda / 2**20
+        else:
+            row["peak_MB"] = rss_mb() - base_rss
+        if result.errors:
+            message = str(next(iter(result.errors.values())))
+            row["error"] = "out of memory" if "out of memory" in message.lower() else message
+        del result, pipe
+        yield row
 
 
-def spawn(args, arch: str, dtype: str, case: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--arch", arch, "--dtypes", dtype, "--case", str(case),
-           "--device", args.device, "--steps", str(args.steps), "--threads", str(args.threads),
-           "--pixel-size", str(args.pixel_size), "--sd-size", str(args.sd_size)] + (["--tiny"] if args.tiny else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+def spawn(args, arch: str, dtype: str, cases: list[int]) -> list[dict]:
+    """Run `cases` in a fresh subprocess; a case it did not report (a crash) becomes an error row."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--arch", arch, "--dtypes", dtype,
+           "--cases", *map(str, cases), "--device", args.device, "--steps", str(args.steps),
+           "--threads", str(args.threads), "--pixel-size", str(args.pixel_size), "--sd-size", str(args.sd_size)]
+    cmd += ["--tiny"] if args.tiny else []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    rows = []
+    for line in proc.stdout:  # rows as they come, so a long group shows progress
+        if line.startswith("{"):
+            rows.append(json.loads(line))
+            yield rows[-1]
+    stderr = proc.stderr.read()
+    proc.wait()
+    err = "out of memory" if "out of memory" in stderr.lower() else (stderr.strip().splitlines() or ["?"])[-1]
+    for case in cases[len(rows):]:
         label, _, n = CASES[case]
-        return {"arch": arch, "dtype": dtype, "case": label, "n": n,
-                "error": "out of memory" if "out of memory" in proc.stderr.lower() else err}
-    return json.loads(lines[-1])
+        yield {"arch": arch, "dtype": dtype, "case": label, "n": n, "error": err}
+
+
+def write_json(path: str, rows: list[dict]) -> None:
+    """Atomically: a reader never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(tmp, path)
 
 
 def table(rows: list[dict]) -> str:
@@ -219,27 +251,34 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny models at tiny sizes: a smoke test that runs on a CPU")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--process-per", choices=("case", "group"), default=None,
+                   help="a subprocess per case, or per architecture and dtype (default: group on CUDA, case on the CPU)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--case", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cases", type=int, nargs="*", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.dtypes is None:
         args.dtypes = list(DTYPES) if args.device.startswith("cuda") else ["float32"]
     if args.child:
         args.dtype = args.dtypes[0]
         args.arch = args.arch[0]
-        print(json.dumps(run_case(args)))
+        for row in run_cases(args):
+            print(json.dumps(row), flush=True)
         return 0
+    # CUDA: one subprocess per architecture and dtype (peak memory is reset per case); CPU: one per case
+    grouped = (args.process_per or ("group" if args.device.startswith("cuda") else "case")) == "group"
     rows = []
     for arch in args.arch:
         for dtype in args.dtypes:
-            for case in range(len(CASES)):
-                row = spawn(args, arch, dtype, case)
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+            groups = [list(range(len(CASES)))] if grouped else [[c] for c in range(len(CASES))]
+            for cases in groups:
+                for row in spawn(args, arch, dtype, cases):
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    if args.json:
+                        write_json(args.json, rows)
+    cards = sorted({r["gpu"] for r in rows if "gpu" in r})
+    print(f"device: {', '.join(cards) or args.device}, {args.steps} steps per case (the first is warm-up)")
     print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
     return 0 if all("error" not in r for r in rows) else 1
 
 

@@ -407,3 +407,27 @@ def test_ddim_pull_script_writes_its_report_and_calibrates_by_the_least_gap(tmp_
     monkeypatch.setattr(module, "tv", fake_tv)
     found = module.calibrate(None, argparse.Namespace(sets=1, samples=2, scale=0.5), lambda msg: None)
     assert found["chosen"] == 0.2 and found["mean_gap"]["0.25"] == 0.0
+
+
+def test_gpu_script_runs_every_case_on_tiny_models_and_prints_its_table(tmp_path):
+    """benchmarks/gpu_combiners.py end to end on the CPU (tiny pixel UNet, the cases of one architecture
+    sharing a subprocess, as on CUDA): a row per case, all finite, ratios to sum in the table, the JSON
+    rows written."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_combiners.py"
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--tiny", "--arch", "pixel",
+                           "--process-per", "group", "--steps", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    module_cases = [line for line in script.read_text().splitlines() if line.startswith('    ("')]
+    assert len(rows) == len(module_cases) >= 8
+    assert all(r["finite"] and r["errors"] == 0 and r["s_per_step"] > 0 for r in rows)
+    table = [line for line in done.stdout.splitlines() if line.startswith("| pixel")]
+    assert len(table) == len(rows)
+    assert all(line.split("|")[6].strip() == "1.00" for line in table if "| sum |" in line)
+    assert "cagrad stack=1" in done.stdout
