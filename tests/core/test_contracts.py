@@ -221,3 +221,30 @@ def test_a_condition_disabled_for_most_of_the_run_is_reported(tmp_path, monkeypa
     assert record["problems"]["disabled"]["broken"]["sample_steps"] == 12  # 2 samples x 6 steps
     assert "red" not in record["problems"]["disabled"]
     assert main(["generate", str(recipe), "--out", str(tmp_path / "b"), "--allow-disabled"]) == 0
+
+
+def test_a_stacked_call_that_runs_out_of_memory_is_split_and_reported(tmp_path, monkeypatch, capsys):
+    """CAGrad's stacked network calls are retried in halves on an out-of-memory error: the run completes, the
+    terminal says how many points per call it went on with and how to start there, the record keeps it."""
+    from zmagic_core.app.cli import main
+    from zmagic_core.models.shapes import ShapesModel
+
+    predict = ShapesModel.predict
+
+    def small_device(self, x, t):
+        if x.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return predict(self, x, t)
+
+    monkeypatch.setattr(ShapesModel, "predict", small_device)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {kind: shapes}\nsolver: {kind: ddpm, steps: 4}\ncombiner: {kind: cagrad}\n"
+                      "conditions: [{kind: shapes-attribute, attribute: color, value: red},"
+                      " {kind: shapes-mask, reference: red circle center},"
+                      " {kind: shapes-keypoints, reference: red circle center}]\nnum_samples: 2\nbatch_size: 2\n"
+                      "progress: false\n")
+    assert main(["generate", str(recipe), "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "ran out of device memory" in err and "combiner.stack=2" in err and "Traceback" not in err
+    record = json.loads((tmp_path / "a" / "record.json").read_text())
+    assert record["problems"]["stack_lowered_to"] == 2 and len(record["completed"]) == 2

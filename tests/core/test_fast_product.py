@@ -213,3 +213,51 @@ def test_cagrad_stack_limits_the_points_per_call_without_changing_g(world):
             for s in (None, 1, 4)]
     for r in runs[1:]:
         torch.testing.assert_close(r.samples, runs[0].samples, rtol=1e-5, atol=1e-5)
+
+
+class RunsOutOfMemory:
+    """The shapes world, except that a network call of more than ``rows`` rows raises an out-of-memory error."""
+
+    def __init__(self, world, rows: int):
+        self.world, self.rows, self.raised = world, rows, 0
+
+    def predict(self, x, t):
+        if x.shape[0] > self.rows:
+            self.raised += 1
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {x.shape[0]} rows")
+        return self.world.predict(x, t)
+
+    def __getattr__(self, name):
+        return getattr(self.world, name)
+
+
+def test_cagrad_splits_a_stacked_call_that_runs_out_of_memory_and_keeps_the_smaller_stack(world):
+    """3 conditions, 2 samples: the x_hat call stacks 3 points (6 rows), the difference call 6 (12 rows). With
+    at most 4 rows per call the first stacked call fails once, the stack drops to 2 points for the rest of the
+    run, the samples are those of an unconstrained run, and the trace and the run's problems report it."""
+    from zmagic_core.app.runner import guidance_problems
+
+    conds = [Condition("red", AttributeEnergy(world, "color", "red"), "adaptive", 0.25),
+             Condition("mask", MaskEnergy(world, "red circle center"), "adaptive", 0.25),
+             Condition("mask2", MaskEnergy(world, "red square top"), "adaptive", 0.25)]
+    free = Pipeline(world, DDPMSolver(), CAGradCombiner(), conds, steps=4).run([0, 1], batch_size=2, progress=False)
+    small = RunsOutOfMemory(world, rows=4)
+    combiner = CAGradCombiner()
+    tight = Pipeline(small, DDPMSolver(), combiner, conds, steps=4).run([0, 1], batch_size=2, progress=False)
+    assert not tight.errors and small.raised == 1
+    assert combiner.stack_limit.size == 2 and combiner.stack_limit.lowered == [(3, 2)]
+    torch.testing.assert_close(tight.samples, free.samples, rtol=1e-5, atol=1e-5)
+    guided = [rec for rec in tight.trace[0] if rec.get("grad_norm")]
+    assert guided and all(rec["stack"] == 2 for rec in guided)
+    assert "stack" not in free.trace[0][0]
+    assert guidance_problems(tight.trace)["stack_lowered_to"] == 2
+    assert "stack_lowered_to" not in guidance_problems(free.trace)
+
+
+def test_a_single_point_that_runs_out_of_memory_is_an_error_not_a_retry_loop(world):
+    conds = [Condition("red", AttributeEnergy(world, "color", "red"), "adaptive", 0.25),
+             Condition("mask", MaskEnergy(world, "red circle center"), "adaptive", 0.25)]
+    small = RunsOutOfMemory(world, rows=0)
+    result = Pipeline(small, DDPMSolver(), CAGradCombiner(), conds, steps=2).run([0], batch_size=1, progress=False)
+    assert result.errors and "out of memory" in str(next(iter(result.errors.values()))).lower()
+    assert small.raised == 1

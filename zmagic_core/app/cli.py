@@ -91,6 +91,10 @@ def cmd_generate(args) -> int:
     if problems.get("fallback_sample_steps"):
         _error(f"the non-finite guidance fallback fired at {problems['fallback_sample_steps']} sample-steps",
                "warning")
+    if problems.get("stack_lowered_to"):
+        size = problems["stack_lowered_to"]
+        _error(f"the combiner's stacked network calls ran out of device memory; it went on with {size} point(s) per "
+               f"call (slower, same samples; `--set combiner.stack={size}` starts there)", "warning")
     if record["failed"]:
         return 1
     if problems.get("disabled_most") and not args.allow_disabled:

@@ -340,13 +340,17 @@ DISABLED_MAJORITY = 0.5  # a condition disabled at more than this share of its g
 
 def guidance_problems(traces: list[list[dict]]) -> dict:
     """How often each condition was disabled (non-finite energy or gradient) and the fallback fired, over the
-    (sample, step) pairs where the condition was guided; ``disabled_most`` lists the conditions disabled at
+    (sample, step) pairs where the condition was guided; ``stack_lowered_to``: the fewest points per network
+    call a combiner went down to after running out of memory (absent if none did); ``disabled_most`` lists the conditions disabled at
     most of them (`zmagic generate` then warns and exits non-zero unless --allow-disabled)."""
     guided: dict[str, int] = {}
     disabled: dict[str, int] = {}
     fallbacks = 0
+    stacks = []
     for trace in traces:
         for rec in trace:
+            if "stack" in rec:
+                stacks.append(int(rec["stack"]))
             for name in rec.get("grad_norm") or {}:
                 guided[name] = guided.get(name, 0) + 1
             for name in rec.get("disabled") or ():
@@ -356,6 +360,7 @@ def guidance_problems(traces: list[list[dict]]) -> dict:
     share = {n: disabled.get(n, 0) / max(guided[n], disabled.get(n, 0), 1) for n in guided}
     return {"disabled": {n: {"sample_steps": disabled[n], "share": share[n]} for n in sorted(disabled)},
             "fallback_sample_steps": fallbacks,
+            **({"stack_lowered_to": min(stacks)} if stacks else {}),
             "disabled_most": sorted(n for n, s in share.items() if s > DISABLED_MAJORITY)}
 
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from zmagic_core.method.cagrad import cagrad_directions
 from zmagic_core.contracts.components import Combined, Combiner
-from zmagic_core.method.guidance import Evaluation, GuidanceStep, evaluate_points
+from zmagic_core.method.guidance import Evaluation, GuidanceStep, StackLimit, evaluate_points
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,8 @@ def without_component(v: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
 def conditional_gradients(step: GuidanceStep, ev: Evaluation, first: int, seconds: list[int],
                           hessian: bool, level: str, cap: Optional[float] = None, *, product: str = "autograd",
                           bound: Optional[float] = None, fd_step: float = FD_STEP, project: str = "none",
-                          info: Optional[dict] = None, stack: Optional[int] = None) -> list[torch.Tensor]:
+                          info: Optional[dict] = None,
+                          stack: Union[None, int, StackLimit] = None) -> list[torch.Tensor]:
     """g_{j|i} for one first condition i and several second conditions j (Algorithm 1, steps 2-4).
 
     x_hat = Phi_t(x_t, s(x_t) + g_i, z) is built once and shared by every j.  ``product``:
@@ -76,7 +77,7 @@ def pair_conditional_gradients(step: GuidanceStep, ev: Evaluation, plan: list[tu
                                hessian: bool, level: str, cap: Optional[float] = None, *,
                                product: str = "autograd", bound: Optional[float] = None,
                                fd_step: float = FD_STEP, project: str = "none", info: Optional[dict] = None,
-                               stack: Optional[int] = None) -> list[list[torch.Tensor]]:
+                               stack: Union[None, int, StackLimit] = None) -> list[list[torch.Tensor]]:
     """:func:`conditional_gradients` for several first conditions: ``plan`` = [(i, [j, ...]), ...].
 
     With ``difference`` the work is batched across first conditions: every x_hat_i goes through
@@ -301,7 +302,8 @@ class DependentCombiner(Combiner):
 class CAGradOptions(_ConditionalOptions):
     stack: Optional[int] = Field(None, ge=1, description=(
         "difference product: at most this many points per stacked network call (memory grows with the "
-        "stack, n(n-1) points for the pairs); None = all in one call"))
+        "stack, n(n-1) points for the pairs); None = all in one call. A call that runs out of device memory "
+        "is retried with half as many points, and the run goes on at that size (reported)"))
     c: float = Field(0.5, ge=0.0, lt=1.0, description="radius of the conflict-averse ball, c in [0, 1)")
     rescale: Literal["none", "1/(1+c^2)", "1/(1+c)"] = Field(DEFAULT_RESCALE, description=(
         "rescaling of the direction: '1/(1+c)' (default) keeps ||G|| <= ||mean of the pair gradients||; "
@@ -324,6 +326,7 @@ class CAGradCombiner(Combiner):
         self.c, self.rescale, self.hessian, self.level, self.cap = c, rescale, hessian, level, cap
         self.project = project
         self.product, self.fd_step, self.bound, self.stack = product, fd_step, _bound(bound), stack
+        self.stack_limit = StackLimit(stack)  # lowered for good if a stacked call runs out of memory
 
     def pair_gradients(self, step, info: Optional[dict] = None) -> tuple[list[tuple[int, int]], torch.Tensor]:
         """All ordered pairs (i, j) and their gradients, shape (m, B, ...)."""
@@ -335,7 +338,7 @@ class CAGradCombiner(Combiner):
         plan = [(i, [j for j in range(n) if j != i]) for i in range(n)]
         terms = pair_conditional_gradients(step, ev, plan, self.hessian, self.level, self.cap, product=self.product,
                                            bound=self.bound, fd_step=self.fd_step, project=self.project, info=info,
-                                           stack=self.stack)
+                                           stack=self.stack_limit)
         pairs, grads = [], []
         for (i, others), row in zip(plan, terms):
             for j, g_ji in zip(others, row):
@@ -350,4 +353,6 @@ class CAGradCombiner(Combiner):
         pairs, grads = self.pair_gradients(step, info)
         per_sample = grads.transpose(0, 1).flatten(2)  # (B, m, D): every sample is its own problem
         d, w = cagrad_directions(per_sample, self.c, self.rescale)
+        if self.stack_limit.lowered:  # the trace shows from which step on the points went in smaller calls
+            info["stack"] = torch.full((d.shape[0],), float(self.stack_limit.size), device=d.device)
         return Combined(d.view_as(grads[0]), {"pairs": pairs, "weights": w.tolist(), **info})

@@ -175,10 +175,26 @@ def evaluate(model, x: torch.Tensor, t: int, abar: float, conditions: list[Condi
     return ev if keep_graph or any(graphs) else ev.release()
 
 
+class StackLimit:
+    """At most ``size`` points per stacked network call (None: all of them).
+
+    A call that runs out of device memory is retried with half as many points per call, and the
+    lowered size is kept for the calls after it (the next step would run out the same way);
+    ``lowered`` lists every change as (points in the failed call, new size) so it can be reported."""
+
+    def __init__(self, size: Optional[int] = None):
+        self.size = size
+        self.lowered: list[tuple[int, int]] = []
+
+    def split(self, failed: int) -> None:
+        self.size = (failed + 1) // 2
+        self.lowered.append((failed, self.size))
+
+
 def evaluate_points(model, points: Sequence[torch.Tensor], t: int, abar: float,
                     conditions: Sequence[Sequence[Condition]],
                     rhos: Optional[Sequence[Sequence[Optional[torch.Tensor]]]] = None,
-                    stack: Optional[int] = None, gain: float = 1.0) -> list[Evaluation]:
+                    stack: Union[None, int, StackLimit] = None, gain: float = 1.0) -> list[Evaluation]:
     """Several batches of points at one level in one network call (stacked along the batch).
 
     ``conditions[k]``: the conditions whose g is wanted at ``points[k]`` (in order; may be empty:
@@ -186,15 +202,31 @@ def evaluate_points(model, points: Sequence[torch.Tensor], t: int, abar: float,
     that point).  The k-th gradient of every point comes from one backward pass through the
     stacked batch.  Returns one released :class:`Evaluation` per point (no graph, no energies
     for the other conditions).  Every row is its own sample: stacking changes no sample's maths.
-    ``stack``: at most that many points per network call (memory grows with the stack; None: all).
+    ``stack``: at most that many points per network call (memory grows with the stack; None: all);
+    a :class:`StackLimit` is lowered in place when a call of several points runs out of memory.
     """
     rhos = rhos if rhos is not None else [[None] * len(c) for c in conditions]
-    if stack is not None and len(points) > stack:
+    limit = stack if isinstance(stack, StackLimit) else StackLimit(stack)
+    if limit.size is not None and len(points) > limit.size:
         out: list[Evaluation] = []
-        for a in range(0, len(points), stack):
-            out += evaluate_points(model, points[a:a + stack], t, abar, conditions[a:a + stack], rhos[a:a + stack],
-                                   gain=gain)
+        for a in range(0, len(points), limit.size):
+            b = a + limit.size
+            out += evaluate_points(model, points[a:b], t, abar, conditions[a:b], rhos[a:b], stack=limit, gain=gain)
         return out
+    try:
+        return _evaluate_stacked(model, points, t, abar, conditions, rhos, gain)
+    except torch.OutOfMemoryError:
+        if len(points) == 1:
+            raise
+    # retried outside the handler, so the failed call's traceback (and the tensors its frames hold) is gone
+    limit.split(len(points))
+    if points[0].device.type == "cuda":
+        torch.cuda.empty_cache()
+    return evaluate_points(model, points, t, abar, conditions, rhos, stack=limit, gain=gain)
+
+
+def _evaluate_stacked(model, points, t, abar, conditions, rhos, gain) -> list[Evaluation]:
+    """evaluate_points's single network call over all ``points``."""
     sizes = [p.shape[0] for p in points]
     x = torch.cat([p.detach() for p in points]).requires_grad_(True)
     rounds = max((len(c) for c in conditions), default=0)
