@@ -340,9 +340,10 @@ DISABLED_MAJORITY = 0.5  # a condition disabled at more than this share of its g
 
 def guidance_problems(traces: list[list[dict]]) -> dict:
     """How often each condition was disabled (non-finite energy or gradient) and the fallback fired, over the
-    (sample, step) pairs where the condition was guided; ``stack_lowered_to``: the fewest points per network
-    call a combiner went down to after running out of memory (absent if none did); ``disabled_most`` lists the conditions disabled at
-    most of them (`zmagic generate` then warns and exits non-zero unless --allow-disabled)."""
+    (sample, step) pairs where the condition was guided; ``disabled_most`` lists the conditions disabled at
+    most of them (`zmagic generate` then warns and exits non-zero unless --allow-disabled);
+    ``stack_lowered_to``: the fewest points per network call a combiner went down to after running out of
+    memory (absent if none did)."""
     guided: dict[str, int] = {}
     disabled: dict[str, int] = {}
     fallbacks = 0
