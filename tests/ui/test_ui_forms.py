@@ -13,7 +13,8 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from zmagic_core.app.ui import (DEFAULT_RECIPE, FormLayout, Job, area_of, check_form, energy_table, failing_part,
-                                fields_of, form_to_recipe, gallery_items, recipe_to_form, split_errors)
+                                fields_of, form_to_recipe, gallery_items, recipe_to_form, split_errors,
+                                summary_line)
 from zmagic_core.assembly.build import build_pipeline, load_recipe
 from zmagic_core.contracts.errors import ConfigError, ZmagicError
 from zmagic_core.contracts.options import FilePath, PathOrName
@@ -243,6 +244,17 @@ def test_a_job_writes_a_run_folder_and_its_tables(tmp_path):
     assert [caption for _, caption in gallery_items(record, tmp_path / "run")] == ["#0 seed 0", "#1 seed 1"]
     headers, rows = energy_table(record)
     assert headers == ["sample", "seed", "mask", "red"] and [r[0] for r in rows] == [0, 1, "mean"]
+    assert record["problems"]["fallback_sample_steps"] == 0 and "warning" not in summary_line(record, tmp_path)
+
+
+def test_the_summary_line_shows_what_the_run_did_not_do_as_asked(tmp_path):
+    """The page says what `zmagic generate` warns about: a disabled condition, the fallback, a lowered stack."""
+    problems = {"disabled": {"broken": {"sample_steps": 12, "share": 1.0}}, "fallback_sample_steps": 3,
+                "stack_lowered_to": 2, "disabled_most": ["broken"]}
+    text = summary_line({"completed": [0, 1], "seeds": [0, 1], "seconds": 1.0, "problems": problems}, tmp_path)
+    assert "2 of 2 samples" in text
+    assert "warning: condition 'broken' was disabled (non-finite energy or gradient) at 12 guided" in text
+    assert "fallback fired at 3 sample-steps" in text and "combiner.stack=2" in text
 
 
 def test_a_job_counts_steps_and_cancels(tmp_path):

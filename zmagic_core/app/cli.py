@@ -70,7 +70,7 @@ def cmd_plugins(args) -> int:
 
 def cmd_generate(args) -> int:
     from zmagic_core.assembly.build import load_recipe
-    from zmagic_core.app.runner import generate
+    from zmagic_core.app.runner import generate, problem_messages
 
     recipe = load_recipe(args.recipe, overrides=args.set or [])
     for note in recipe._plan.notes if recipe._plan is not None else ():
@@ -85,16 +85,8 @@ def cmd_generate(args) -> int:
         s = record["evaluation"]["shapes"]["summary"]
         print(f"joint satisfaction {s['joint_satisfaction']:.3f}, on-manifold {s['on_manifold']:.3f}")
     problems = record.get("problems") or {}
-    for name, seen in (problems.get("disabled") or {}).items():  # nothing is dropped silently
-        _error(f"condition {name!r} was disabled (non-finite energy or gradient) at {seen['sample_steps']} "
-               f"guided sample-steps ({seen['share']:.0%})", "warning")
-    if problems.get("fallback_sample_steps"):
-        _error(f"the non-finite guidance fallback fired at {problems['fallback_sample_steps']} sample-steps",
-               "warning")
-    if problems.get("stack_lowered_to"):
-        size = problems["stack_lowered_to"]
-        _error(f"the combiner's stacked network calls ran out of device memory; it went on with {size} point(s) per "
-               f"call (slower, same samples; `--set combiner.stack={size}` starts there)", "warning")
+    for line in problem_messages(problems):  # nothing is dropped silently
+        _error(line, "warning")
     if record["failed"]:
         return 1
     if problems.get("disabled_most") and not args.allow_disabled:

@@ -365,6 +365,19 @@ def guidance_problems(traces: list[list[dict]]) -> dict:
             "disabled_most": sorted(n for n, s in share.items() if s > DISABLED_MAJORITY)}
 
 
+def problem_messages(problems: dict) -> list[str]:
+    """One line per thing a run did not do as asked (what `zmagic generate` warns and the web app shows)."""
+    lines = [f"condition {name!r} was disabled (non-finite energy or gradient) at {seen['sample_steps']} guided "
+             f"sample-steps ({seen['share']:.0%})" for name, seen in (problems.get("disabled") or {}).items()]
+    if problems.get("fallback_sample_steps"):
+        lines.append(f"the non-finite guidance fallback fired at {problems['fallback_sample_steps']} sample-steps")
+    if problems.get("stack_lowered_to"):
+        size = problems["stack_lowered_to"]
+        lines.append(f"the combiner's stacked network calls ran out of device memory; it went on with {size} "
+                     f"point(s) per call (slower, same samples; `--set combiner.stack={size}` starts there)")
+    return lines
+
+
 def _mean_energies(records) -> dict[str, float]:
     """Mean final energy per condition (NaN, stored as null, when a sample's energy was not finite)."""
     names = sorted({k for r in records for k in r["final_energy"]})

@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
 import yaml
 from pydantic_core import PydanticUndefined
 
-from zmagic_core.app.runner import generate
+from zmagic_core.app.runner import generate, problem_messages
 from zmagic_core.assembly.build import load_recipe
 from zmagic_core.assembly.recipe import CombinerSpec, ConditionSpec, ModelSpec, Recipe, SolverSpec, read_recipe
 from zmagic_core.contracts.errors import ConfigError, UnknownComponentError, ZmagicError
@@ -838,6 +838,8 @@ def summary_line(record: dict, out: Path) -> str:
     failed = record.get("failed") or {}
     if failed:
         text += "; failed: " + "; ".join(f"sample {i}: {m}" for i, m in failed.items())
+    for line in problem_messages(record.get("problems") or {}):  # as the CLI warns: nothing is dropped silently
+        text += f"; warning: {line}"
     return text
 
 
