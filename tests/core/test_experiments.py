@@ -283,3 +283,32 @@ def test_killed_experiment_resumes_losing_and_duplicating_nothing(tmp_path):
     assert not [p for p in out.rglob("*") if is_temporary(p) or p.name.endswith(".lock")]
     for record in out.glob("*/*/record.json"):
         assert json.loads(record.read_text())["completed"] == [0, 1, 2]
+
+
+def test_an_experiment_warns_about_a_folder_whose_condition_was_disabled(tmp_path, capsys, monkeypatch):
+    """Nothing is dropped silently in an experiment either: a condition disabled by non-finite values in one
+    variant is named, with its folder, at the end of the run."""
+    import zmagic_core
+    import zmagic_core.plugins.registry as registry_module
+    from zmagic_core import hookimpl
+    from zmagic_core.plugins.registry import Registry
+
+    class NaNEnergy(zmagic_core.Energy):
+        def forward(self, images):
+            return images.mean(dim=(1, 2, 3)) * float("nan")
+
+    class NaNPlugin:
+        @hookimpl
+        def register_energies(self, register):
+            register("nan-energy", lambda context, **o: NaNEnergy())
+
+    reg = Registry(load_entry_points=False)
+    reg.register_plugin(NaNPlugin(), "nan")
+    monkeypatch.setattr(registry_module, "_default", reg)
+    variants = [{"name": "plain"},
+                {"name": "broken", "set": {"conditions.1": {"kind": "nan-energy", "name": "broken"}}}]
+    path = write_experiment(tmp_path, variants=variants, samples_per_row=1, rows_=ROWS[:1])
+    assert main(["experiment", str(path), "--out", str(tmp_path / "out"), "--no-eval"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: broken/red: condition 'broken' was disabled (non-finite energy or gradient)" in out
+    assert "plain/red" not in out.split("generated")[-1]

@@ -47,8 +47,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from zmagic_core.app.identity import folder_identity, identity_differences, identity_hash, referenced_files
-from zmagic_core.app.runner import (_aggregate, _check_marker, _Folder, _final_energies, _make_folder, _read_json,
-                                    _trusted, lock_folder)
+from zmagic_core.app.runner import (RECORD, _aggregate, _check_marker, _Folder, _final_energies, _make_folder,
+                                    _read_json, _trusted, lock_folder, problem_messages)
 from zmagic_core.assembly.build import DTYPES, CheckedRecipe, check_recipe
 from zmagic_core.assembly.recipe import Recipe, apply_override, read_recipe
 from zmagic_core.contracts.components import BuildContext
@@ -751,6 +751,10 @@ def run_experiment(exp: Experiment, out: Path, registry=None, progress: bool = F
             failed = sum(len(v) for v in total.errors.values())
             say(f"generated {sum(total.generated.values())} samples in {time.perf_counter() - started:.1f} s"
                 + (f"; {failed} failed (see 'failed' in their folders' record.json)" if failed else ""))
+            for variant, row in folders:  # what a folder's run did not do as asked, as `zmagic generate` warns
+                record = _read_json(exp.folder(out, variant, row) / RECORD) or {}
+                for line in problem_messages(record.get("problems") or {}):
+                    say(f"warning: {variant}/{row.key}: {line}")
             if evaluate:
                 from zmagic_core.app.evaluation import evaluate_experiment
 
