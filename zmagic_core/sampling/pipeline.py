@@ -84,7 +84,7 @@ class Pipeline:
                 raise
             except Exception as exc:
                 if len(batch) == 1:
-                    errors[batch[0]] = f"{type(exc).__name__}: {exc}"
+                    errors[batch[0]] = failure_message(exc)
                     continue
                 parts = []
                 for seed in batch:  # isolate the failing sample; keep the others
@@ -93,7 +93,7 @@ class Pipeline:
                     except (KeyboardInterrupt, ConfigError):
                         raise
                     except Exception as inner:
-                        errors[seed] = f"{type(inner).__name__}: {inner}"
+                        errors[seed] = failure_message(inner)
             for part_seeds, (x, img, trace) in parts:
                 done += part_seeds
                 samples.append(x)
@@ -191,6 +191,16 @@ class Pipeline:
             guidance = self.corrector_combiner.combine(step).guidance if active else 0.0
             x = self.solver.correct(x, ev.score.detach() + guidance, noise.draw()).detach()
         return x
+
+
+MEMORY_HINT = ("less memory: batch_size 1, dtype float16/bfloat16, the model's gradient_checkpointing, "
+               "the combiner's stack (docs/models.md, 'Memory')")
+
+
+def failure_message(exc: BaseException) -> str:
+    """A failed sample's one line: the error, and for running out of memory what lowers it."""
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return f"{text} [{MEMORY_HINT}]" if isinstance(exc, torch.OutOfMemoryError) else text
 
 
 def _finite_or_fallback(guidance: torch.Tensor, grads: list) -> tuple[torch.Tensor, list]:
