@@ -150,6 +150,9 @@ def run_cases(args):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    if args.memory_cap_gb and device.type == "cuda":  # a smaller card: allocations past the cap run out of memory
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total), device.index or 0)
     model, conds, shape = build(args.arch, args, dtype, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for case in args.cases:
@@ -185,6 +188,9 @@ def run_cases(args):
             row["weights_MB"] = base_cuda / 2**20
         else:
             row["peak_MB"] = rss_mb() - base_rss
+        limit = getattr(pipe.combiner, "stack_limit", None)
+        if limit is not None and limit.lowered:
+            row["stack_lowered"] = limit.lowered  # (points in the call that ran out of memory, new stack)
         if result.errors:
             message = str(next(iter(result.errors.values())))
             row["error"] = "out of memory" if "out of memory" in message.lower() else message
@@ -196,7 +202,8 @@ def spawn(args, arch: str, dtype: str, cases: list[int]) -> list[dict]:
     """Run `cases` in a fresh subprocess; a case it did not report (a crash) becomes an error row."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--arch", arch, "--dtypes", dtype,
            "--cases", *map(str, cases), "--device", args.device, "--steps", str(args.steps),
-           "--threads", str(args.threads), "--pixel-size", str(args.pixel_size), "--sd-size", str(args.sd_size)]
+           "--threads", str(args.threads), "--pixel-size", str(args.pixel_size), "--sd-size", str(args.sd_size),
+           "--memory-cap-gb", str(args.memory_cap_gb or 0)]
     cmd += ["--tiny"] if args.tiny else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
@@ -234,6 +241,9 @@ def table(rows: list[dict]) -> str:
         t = f"{r['s_per_step'] / ref['s_per_step']:.2f}" if ref else "-"
         m = f"{r['peak_MB'] / ref['peak_MB']:.2f}" if ref and ref["peak_MB"] > 1 else "-"
         note = r.get("error") or ("" if r.get("finite", True) else "non-finite sample")
+        if r.get("stack_lowered"):
+            note = (note + "; " if note else "") + "ran out of memory, stack " + " -> ".join(
+                [str(r["stack_lowered"][0][0])] + [str(size) for _, size in r["stack_lowered"]])
         lines.append(f"| {r['arch']} ({r.get('shape', '')}) | {r['dtype']} | {r['case']} | {r['n']} | "
                      f"{r['s_per_step']:.3f} | {t} | {r['peak_MB']:.0f} | {m} | {note} |")
     return "\n".join(lines)
@@ -253,6 +263,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--process-per", choices=("case", "group"), default=None,
                    help="a subprocess per case, or per architecture and dtype (default: group on CUDA, case on the CPU)")
+    p.add_argument("--only", nargs="*", default=None, metavar="CASE",
+                   help="run only the cases with these labels (e.g. sum cagrad; default: all)")
+    p.add_argument("--memory-cap-gb", type=float, default=0.0,
+                   help="CUDA: cap the process's allocations at this many GiB, as on a smaller card "
+                        "(cagrad's stacked calls then split themselves; the rows say so)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cases", type=int, nargs="*", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -269,7 +284,8 @@ def main(argv=None) -> int:
     rows = []
     for arch in args.arch:
         for dtype in args.dtypes:
-            groups = [list(range(len(CASES)))] if grouped else [[c] for c in range(len(CASES))]
+            chosen = [c for c in range(len(CASES)) if args.only is None or CASES[c][0] in args.only]
+            groups = [chosen] if grouped else [[c] for c in chosen]
             for cases in groups:
                 for row in spawn(args, arch, dtype, cases):
                     rows.append(row)
