@@ -312,3 +312,47 @@ def test_an_experiment_warns_about_a_folder_whose_condition_was_disabled(tmp_pat
     out = capsys.readouterr().out
     assert "warning: broken/red: condition 'broken' was disabled (non-finite energy or gradient)" in out
     assert "plain/red" not in out.split("generated")[-1]
+
+
+def test_a_row_whose_conditions_fail_to_build_costs_only_its_own_folder(tmp_path, capsys, monkeypatch):
+    """A later row's condition that cannot be built (say, a reference with no face: the pre-flight builds
+    the first row's conditions only) is that folder's failure: the other rows are generated and evaluated,
+    the report and record.json say why, the exit code is 1."""
+    import zmagic_core
+    import zmagic_core.plugins.registry as registry_module
+    from zmagic_core import InputError, hookimpl
+    from zmagic_core.plugins.registry import Registry
+
+    class Flat(zmagic_core.Energy):
+        def forward(self, images):
+            return images.mean(dim=(1, 2, 3)) ** 2
+
+    def build(context, reference="ok"):
+        if reference == "blank":
+            raise InputError("no face found in reference image blank.png")
+        return Flat()
+
+    class PickyPlugin:
+        @hookimpl
+        def register_energies(self, register):
+            register("picky", build)
+
+    reg = Registry(load_entry_points=False)
+    reg.register_plugin(PickyPlugin(), "picky")
+    monkeypatch.setattr(registry_module, "_default", reg)
+    rows = [{"id": "good", "conditions.1.reference": "ok"}, {"id": "blank", "conditions.1.reference": "blank"},
+            {"id": "good2", "conditions.1.reference": "ok"}]
+    recipe = dict(RECIPE, conditions=[RECIPE["conditions"][0], {"kind": "picky", "name": "picky", "reference": "ok"}])
+    path = write_experiment(tmp_path, recipe=recipe, rows_=rows, variants=[{"name": "sum"}], samples_per_row=2)
+    out = tmp_path / "out"
+    assert main(["experiment", str(path), "--out", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "generated 4 samples" in printed and "2 failed" in printed
+    for key in ("good", "good2"):
+        assert json.loads((out / "sum" / key / "record.json").read_text())["completed"] == [0, 1]
+    record = json.loads((out / "sum" / "blank" / "record.json").read_text())
+    assert record["completed"] == [] and set(record["failed"]) == {"0", "1"}
+    assert all("no face found in reference image blank.png" in m for m in record["failed"].values())
+    report = (out / "report.md").read_text()
+    assert "sum/blank: 2 sample(s) failed: building its conditions failed: no face found" in report
+    assert "oracle/blank: not sampled: no face found" in report

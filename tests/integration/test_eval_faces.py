@@ -107,3 +107,17 @@ def test_evaluators_without_weights_name_what_is_missing(monkeypatch, tmp_path, 
     assert "SegFormer skipped: weights not on this machine" in seg["note"] and "79999_iter.pth" in seg["note"]
     style = metrics.VggStyleEvaluator().evaluate(run)
     assert style["note"].startswith("skipped: VGG19 weights are not on this machine") and "vgg19" in style["note"]
+
+
+def test_every_metrics_evaluator_builds_through_the_plugin_registry():
+    """As `zmagic eval` and experiments build them: through the installed entry point's factories."""
+    import torch
+
+    from zmagic_core import BuildContext
+    from zmagic_core.plugins.registry import Registry
+    from zmagic_metrics.evaluators import EVALUATORS
+
+    registry = Registry()
+    for name, cls in EVALUATORS.items():
+        evaluator = registry.get("evaluator", name).factory(BuildContext(device=torch.device("cpu")))
+        assert isinstance(evaluator, cls), name

@@ -142,6 +142,10 @@ def row_result(folder: Path, record: dict) -> RowResult:
     guide_metrics(record.get("final_energy") or {}, condition_kinds(record.get("recipe") or {}), row)
     row.traces = [t for _, t in sorted((record.get("trace") or {}).items(), key=lambda kv: int(kv[0]))]
     row.images = [folder / f"sample_{int(i):04d}.png" for i in record.get("completed") or []]
+    failures: dict[str, int] = {}
+    for message in (record.get("failed") or {}).values():
+        failures[message] = failures.get(message, 0) + 1
+    row.notes += [f"{n} sample(s) failed: {m}" for m, n in failures.items()]
     return row
 
 
@@ -257,7 +261,11 @@ def evaluate_experiment(out: Path, exp=None, builder=None, registry=None, recomp
     if spec.oracle and (exp.base.get("model") or {}).get("kind", "shapes") == "shapes":
         traces = []
         for row in exp.rows:
-            result = oracle_row(plan_of(first, row), builder, exp.seeds(row))
+            try:
+                result = oracle_row(plan_of(first, row), builder, exp.seeds(row))
+            except Exception as exc:  # noqa: BLE001 - a row whose conditions do not build: the others go on
+                notes.append(f"{ORACLE}/{row.key}: not sampled: {' '.join(str(exc).split())}")
+                continue
             if result is None:
                 break
             for key, value in result.values.items():

@@ -646,6 +646,7 @@ def generate_units(exp: Experiment, out: Path, plans: dict, units: list[Unit], b
     result = UnitResult()
     rows = {r.index: r for r in exp.rows}
     current, pipeline, ident, folder = None, None, None, None
+    unbuildable: dict[tuple[str, int], str] = {}  # a folder whose pipeline failed to build: why
     for unit in units:
         row = rows[unit.row]
         plan = plans[(unit.variant, unit.row)]
@@ -662,8 +663,15 @@ def generate_units(exp: Experiment, out: Path, plans: dict, units: list[Unit], b
             if not pending:
                 continue
             started = time.perf_counter()
-            if pipeline is None:
-                pipeline = builder.pipeline(plan)
+            if pipeline is None and current not in unbuildable:
+                try:
+                    pipeline = builder.pipeline(plan)
+                except Exception as exc:  # noqa: BLE001 - e.g. a row's reference with no face: the other rows go on
+                    unbuildable[current] = f"building its conditions failed: {_problem_text(exc)}"
+            if current in unbuildable:
+                for i in pending:
+                    result.errors.setdefault(str(out_dir), {})[str(i)] = unbuildable[current]
+                continue
             batch = [seeds[i] for i in unit.indices]  # the whole batch, as an uninterrupted run draws it
             run = pipeline.run(batch, batch_size=len(batch), progress=progress)
             by_seed = {s: k for k, s in enumerate(run.seeds)}
@@ -698,6 +706,15 @@ def aggregate_folder(exp: Experiment, out: Path, variant: str, row: Row, plan: C
             folder.mark()
         pipeline = builder.pipeline(plan) if records else None
         return _aggregate(folder, plan, seeds, records, pipeline, errors, seconds, generated)
+
+
+def folder_records(exp: Experiment, out: Path):
+    """("variant/row", record.json) of every run folder of the experiment that has one."""
+    for variant in exp.variants:
+        for row in exp.rows:
+            record = _read_json(exp.folder(out, variant, row) / RECORD)
+            if isinstance(record, dict):
+                yield f"{variant}/{row.key}", record
 
 
 def run_experiment(exp: Experiment, out: Path, registry=None, progress: bool = False, evaluate: bool = True,
@@ -751,10 +768,9 @@ def run_experiment(exp: Experiment, out: Path, registry=None, progress: bool = F
             failed = sum(len(v) for v in total.errors.values())
             say(f"generated {sum(total.generated.values())} samples in {time.perf_counter() - started:.1f} s"
                 + (f"; {failed} failed (see 'failed' in their folders' record.json)" if failed else ""))
-            for variant, row in folders:  # what a folder's run did not do as asked, as `zmagic generate` warns
-                record = _read_json(exp.folder(out, variant, row) / RECORD) or {}
+            for where, record in folder_records(exp, out):  # what a run did not do as asked, as generate warns
                 for line in problem_messages(record.get("problems") or {}):
-                    say(f"warning: {variant}/{row.key}: {line}")
+                    say(f"warning: {where}: {line}")
             if evaluate:
                 from zmagic_core.app.evaluation import evaluate_experiment
 

@@ -19,7 +19,7 @@ def _rank() -> int:
 
 
 def cmd_experiment(args) -> int:
-    from zmagic_core.app.experiment import read_experiment, run_experiment
+    from zmagic_core.app.experiment import folder_records, read_experiment, run_experiment
 
     try:
         exp = read_experiment(args.file, args.set or [])
@@ -28,7 +28,9 @@ def cmd_experiment(args) -> int:
         if _rank() != 0:  # every process meets the same error: the main one reports it
             return 2
         raise
-    return 0
+    # as `zmagic generate`: samples that failed (the others are written and evaluated) make the exit code 1
+    failed = _rank() == 0 and any(record.get("failed") for _, record in folder_records(exp, Path(args.out)))
+    return 1 if failed else 0
 
 
 def cmd_eval(args) -> int:

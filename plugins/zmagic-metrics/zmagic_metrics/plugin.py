@@ -1,4 +1,6 @@
 """Entry point (group ``zmagic``): registers the independent evaluators."""
+import inspect
+
 from zmagic_core import hookimpl
 
 from .evaluators import EVALUATORS
@@ -6,7 +8,8 @@ from .evaluators import EVALUATORS
 
 def _factory(cls):
     def build(context, **options):
-        return cls(device=context.device) if "device" in cls.__init__.__code__.co_varnames else cls()
+        # a class without its own __init__ has object's, which has no __code__: ask for its signature
+        return cls(device=context.device) if "device" in inspect.signature(cls).parameters else cls()
 
     build.__doc__ = cls.__doc__
     return build
