@@ -895,3 +895,25 @@ def test_cuda_devices_and_dtypes_this_machine_lacks(monkeypatch, device, dtype, 
         _check_device(device, dtype)
     assert all(w in str(err.value) for w in words), str(err.value)
     _check_device("cuda:1", "float16")  # present and supported: fine
+
+
+def test_a_16_bit_image_keeps_its_tones_and_exif_orientation_is_applied(tmp_path):
+    """A 16-bit greyscale PNG is scaled to 8 bits (PIL's own convert clips it to white), and a photo whose
+    EXIF says "rotated" loads upright, as a viewer shows it."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    ramp = (np.linspace(0, 65535, 64).reshape(8, 8)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    deep = load_image(tmp_path / "deep.png")
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(tmp_path / "shallow.png")
+    shallow = load_image(tmp_path / "shallow.png")
+    assert torch.allclose(deep, shallow, atol=2 / 255)
+    assert deep.min() == -1 and deep.max() == 1
+
+    wide = Image.new("RGB", (6, 2), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    wide.save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_image(tmp_path / "rotated.jpg").shape == (3, 6, 2)

@@ -180,3 +180,15 @@ def test_reference_paths_are_relative_to_the_recipe(tmp_path, monkeypatch):
     (folder / "r.yaml").write_text(yaml.safe_dump(data))
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "recipes/r.yaml", "--out", str(tmp_path / "o")]) == 0
+
+
+def test_ctrl_c_is_one_line_and_exit_130(recipe_file, tmp_path, capsys, monkeypatch):
+    import zmagic_core.app.runner as runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "generate", interrupted)
+    assert main(["generate", str(recipe_file), "--out", str(tmp_path / "x")]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("zmagic: error: interrupted") and err.count("\n") == 1 and "Traceback" not in err

@@ -172,6 +172,10 @@ def main(argv=None) -> int:
     except ZmagicError as exc:
         _error(str(exc))
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: files are written atomically, so a rerun resumes; no traceback
+        _error("interrupted (samples already written are kept: `generate` and `experiment` resume where they "
+               "stopped)")
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,6 +16,18 @@ MAX_PIXELS = 50_000_000  # 50 megapixels: larger images (and decompression bombs
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # raster formats read (never EPS & co.)
 
 
+def _as_rgb(im):
+    """RGB 8-bit; 16- and 32-bit greyscale (I;16, I) scaled to 8 bits first (PIL's convert clips them)."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = float(arr.max()) if arr.size else 0.0
+        top = 65535.0 if im.mode.startswith("I;16") or peak > 255 else (1.0 if im.mode == "F" and peak <= 1 else 255.0)
+        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def load_image(path: Union[str, Path], size: Optional[Union[int, tuple[int, int]]] = None) -> torch.Tensor:
     """An image file as RGB (3, H, W) in [-1, 1], optionally resized (bicubic) to ``size``.
 
@@ -27,7 +39,7 @@ def load_image(path: Union[str, Path], size: Optional[Union[int, tuple[int, int]
     """
     import warnings
 
-    from PIL import Image, ImageFile
+    from PIL import Image, ImageFile, ImageOps
 
     path = Path(path)
     if not path.exists():
@@ -51,7 +63,7 @@ def load_image(path: Union[str, Path], size: Optional[Union[int, tuple[int, int]
                 if w * h > MAX_PIXELS:
                     raise InputError(f"image {path} is {w}x{h} = {w * h} pixels; at most {MAX_PIXELS} "
                                      f"({MAX_PIXELS // 1_000_000} megapixels) are read")
-                im = im.convert("RGB")
+                im = _as_rgb(ImageOps.exif_transpose(im))  # upright, as a viewer shows it
                 if size is not None:
                     im = im.resize(wh, Image.BICUBIC)
                 arr = np.asarray(im, dtype=np.float32)
