@@ -917,3 +917,33 @@ def test_a_16_bit_image_keeps_its_tones_and_exif_orientation_is_applied(tmp_path
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
     wide.save(tmp_path / "rotated.jpg", exif=exif)
     assert load_image(tmp_path / "rotated.jpg").shape == (3, 6, 2)
+
+
+@pytest.mark.parametrize("override,words", [
+    ("model.sigma0=inf", ["model.options.sigma0", "inf is not a finite number"]),  # text that a float field parses
+    ("model.sigma0=Infinity", ["model.options.sigma0", "not a finite number"]),
+    ("conditions.0.value=[0.5, .nan]", ["conditions.0.value.1", "nan is not a finite number"]),  # named in full
+])
+def test_non_finite_numbers_given_as_text_are_refused_by_field(tmp_path, capsys, override, words):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    assert_refused(run(capsys, "check", path, "--set", override), *words)
+
+
+@pytest.mark.parametrize("name,content", [
+    ("twice.yaml", "seed: 1\ncombiner: {kind: cagrad}\ncombiner: {kind: sum}\n"),
+    ("nested.yaml", "conditions:\n  - {kind: shapes-attribute, scale: 0.25, scale: 5}\n"),
+    ("twice.json", '{"seed": 1, "seed": 2}'),
+])
+def test_a_key_given_twice_is_refused_not_overwritten(tmp_path, capsys, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    assert_refused(run(capsys, "check", path), "given twice")
+
+
+def test_yaml_merge_keys_still_override(tmp_path, capsys):
+    path = tmp_path / "merge.yaml"
+    path.write_text("model: {kind: shapes, size: 8}\nsolver: {kind: ddpm, steps: 2}\n"
+                    "conditions:\n  - &c {kind: shapes-attribute, attribute: color, value: red}\n"
+                    "  - {<<: *c, attribute: shape, value: circle}\n")
+    assert_checked_ok(run(capsys, "check", path))

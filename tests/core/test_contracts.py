@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 import zmagic_core
 from zmagic_core import (BuildContext, Combined, Combiner, Condition, ConfigError, DDPMSolver, Evaluator,
@@ -248,3 +248,30 @@ def test_a_stacked_call_that_runs_out_of_memory_is_split_and_reported(tmp_path, 
     assert "ran out of device memory" in err and "combiner.stack=2" in err and "Traceback" not in err
     record = json.loads((tmp_path / "a" / "record.json").read_text())
     assert record["problems"]["stack_lowered_to"] == 2 and len(record["completed"]) == 2
+
+
+class AliasedOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    config_path: zmagic_core.FilePath = Field(alias="config")
+
+
+class AliasedPlugin:
+    @hookimpl
+    def register_energies(self, register):
+        register("aliased", lambda context, **o: None, options=AliasedOptions)
+
+
+def test_an_aliased_path_option_resolves_by_either_name_and_errors_list_the_alias(tmp_path, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "c.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    reg = Registry(load_entry_points=False)
+    reg.register_plugin(AliasedPlugin(), "aliased")
+    for key in ("config", "config_path"):
+        recipe_file = tmp_path / "recipes" / f"{key}.yaml"
+        recipe_file.write_text(f"conditions: [{{kind: aliased, {key}: c.json}}]\n")
+        recipe = load_recipe(recipe_file, registry=reg)
+        assert recipe.conditions[0].options == {key: str(tmp_path / "recipes" / "c.json")}  # resolved either way
+    (tmp_path / "recipes" / "bad.yaml").write_text("conditions: [{kind: aliased, config: c.json, colour: 1}]\n")
+    with pytest.raises(ConfigError, match=r"aliased accepts: config\)"):
+        load_recipe(tmp_path / "recipes" / "bad.yaml", registry=reg)

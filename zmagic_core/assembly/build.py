@@ -20,7 +20,8 @@ import torch
 from pydantic import ValidationError
 
 from zmagic_core.assembly.recipe import (CombinerSpec, ComponentSpec, ConditionSpec, ModelSpec, Recipe, SolverSpec,
-                                         format_validation_error, read_data, read_recipe, validation_problems)
+                                         check_values, format_validation_error, read_data, read_recipe,
+                                         validation_problems)
 from zmagic_core.contracts.components import BuildContext
 from zmagic_core.contracts.errors import ConfigError, ZmagicError, clip_text, shorten
 from zmagic_core.contracts.options import path_fields
@@ -91,16 +92,18 @@ def _resolve_paths(registration: Registration, spec: ComponentSpec, base: Option
     works from any working directory; a path-or-name option only when that file or folder exists."""
     if base is None or registration.options is None:
         return
-    for key, marker in path_fields(registration.options).items():
-        value = spec.options.get(key)
-        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
-            continue
-        try:
-            candidate = Path(base) / value
-            if not marker.or_name or candidate.exists():
-                spec.options[key] = str(candidate)
-        except (OSError, ValueError):  # a value no file system accepts (embedded NUL, too long)
-            continue
+    names = {info.alias or name: name for name, info in registration.options.model_fields.items()}
+    for alias, marker in path_fields(registration.options).items():
+        for key in dict.fromkeys((alias, names.get(alias, alias))):  # a model may accept the field's own name too
+            value = spec.options.get(key)
+            if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+                continue
+            try:
+                candidate = Path(base) / value
+                if not marker.or_name or candidate.exists():
+                    spec.options[key] = str(candidate)
+            except (OSError, ValueError):  # a value no file system accepts (embedded NUL, too long)
+                continue
 
 
 def _checked_options(registration: Registration, spec: ComponentSpec, where: str, base: Optional[str] = None) -> dict:
@@ -109,9 +112,11 @@ def _checked_options(registration: Registration, spec: ComponentSpec, where: str
     if options_model is None:
         return dict(spec.options)
     try:
-        return options_model.model_validate(spec.options).model_dump(exclude_unset=True, by_alias=True)
+        options = options_model.model_validate(spec.options).model_dump(exclude_unset=True, by_alias=True)
+        check_values(options, root=f"{where}.options")  # "inf" / "nan" given as text pass a float field's parsing
+        return options
     except ValidationError as exc:
-        allowed = ", ".join(options_model.model_fields) or "none"
+        allowed = ", ".join(info.alias or name for name, info in options_model.model_fields.items()) or "none"
         problems = validation_problems(exc, f"{where}.options")
         raise ConfigError(format_validation_error(exc, f"{where}.options") + f"\n  ({spec.kind} accepts: {allowed})",
                           problems=[f"{p} ({spec.kind} accepts: {allowed})" for p in problems]) from None

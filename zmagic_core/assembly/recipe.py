@@ -201,6 +201,17 @@ class _BoundedLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_mapping(self, node, deep=False):
+        # a key given twice would silently lose its first value (merge keys, `<<`, override by design)
+        seen: set = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise ConfigError(f"{self._what}: line {key_node.start_mark.line + 1}: the key "
+                                      f"{clip_text(key_node.value, 60)!r} is given twice in one mapping")
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
 
 def _load_yaml(text: str, what: str) -> Any:
     """YAML (safe tags only) with the alias, depth and size limits; yaml.YAMLError passes through."""
@@ -227,11 +238,11 @@ def parse_yaml(text: str, what: str) -> Any:
         raise ConfigError(f"cannot parse {what}: {clip_text(' '.join(str(exc).split()), 400)}") from None
 
 
-def check_values(data: Any, what: str = "recipe") -> None:
+def check_values(data: Any, what: str = "recipe", root: str = "") -> None:
     """Refuse non-finite numbers, excess nesting and excess size anywhere in parsed recipe data
-    (iterative, cycle-safe: a dict given by a caller may hold anything)."""
+    (iterative, cycle-safe: a dict given by a caller may hold anything); ``root`` prefixes the paths named."""
     seen: set[int] = set()
-    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    stack: list[tuple[Any, str, int]] = [(data, root, 0)]
     count = 0
     while stack:
         value, where, depth = stack.pop()
@@ -252,13 +263,13 @@ def check_values(data: Any, what: str = "recipe") -> None:
                 stack.append((v, f"{where}.{name}" if where else name, depth + 1))
 
 
-def _override_value(raw: str, shown: str) -> Any:
+def _override_value(raw: str, shown: str, path: str = "") -> Any:
     """The value of ``path=value``, parsed as YAML; text that is not YAML stays a string."""
     try:
         value = _load_yaml(raw, f"override {shown}")
     except yaml.YAMLError:
         return raw
-    check_values(value, f"override {shown}")
+    check_values(value, f"override {shown}", root=path)  # a bad item is named by its whole path
     return value
 
 
@@ -283,7 +294,7 @@ def apply_override(data: dict, assignment: str) -> None:
     if len(raw) > MAX_OVERRIDE_CHARS:
         raise ConfigError(f"override {shown}: the value is {len(raw)} characters; an override value may have at "
                           f"most {MAX_OVERRIDE_CHARS} (put large values in the recipe file)")
-    value = _override_value(raw, shown)
+    value = _override_value(raw, shown, path)
     node: Any = data
     for i, key in enumerate(keys):
         here = ".".join(keys[:i]) or "recipe"
@@ -345,6 +356,18 @@ def _read_text(path: Path) -> str:
                          f"{exc.start})") from None
 
 
+def _unique_keys(what: str):
+    """json.loads's object_pairs_hook: a key given twice in one object is refused, not overwritten."""
+    def pairs(items: list) -> dict:
+        out: dict = {}
+        for key, value in items:
+            if key in out:
+                raise ConfigError(f"{what}: the key {clip_text(key, 60)!r} is given twice in one object")
+            out[key] = value
+        return out
+    return pairs
+
+
 def read_data(source: Union[str, Path, dict], overrides: tuple[str, ...] | list[str] = ()) -> dict:
     """The recipe's data (a dict) from a file or a dict, with the overrides applied, before the
     schema: size, encoding, alias, nesting and number checks done."""
@@ -359,7 +382,7 @@ def read_data(source: Union[str, Path, dict], overrides: tuple[str, ...] | list[
         text = _read_text(path)
         if path.suffix == ".json":
             try:
-                data = json.loads(text)
+                data = json.loads(text, object_pairs_hook=_unique_keys(f"recipe {path}"))
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"cannot parse recipe {path}: {exc}") from None
             except RecursionError:
@@ -368,7 +391,7 @@ def read_data(source: Union[str, Path, dict], overrides: tuple[str, ...] | list[
                 raise ConfigError(f"cannot parse recipe {path}: {clip_text(str(exc), 200)}") from None
         else:
             data = parse_yaml(text, f"recipe {path}")
-        if data is None:
+        if data is None:  # an empty file is the default recipe (the shapes world, unguided)
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {path} must be a mapping of fields, got {type(data).__name__}")
