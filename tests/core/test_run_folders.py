@@ -441,3 +441,24 @@ def test_large_files_are_identified_by_size_and_time(tmp_path, monkeypatch):
     assert entry == {"size": 100, "mtime_ns": f.stat().st_mtime_ns}
     os.utime(f, ns=(entry["mtime_ns"] + 10**9, entry["mtime_ns"] + 10**9))
     assert fingerprint(f) != entry
+
+
+def test_a_folder_of_other_files_is_refused_and_left_alone(good_run, tmp_path, capsys):
+    """`--out` naming a folder of someone else's files (no recipe.json, no samples) is refused before anything
+    is written; a folder holding only a record of ours (a run whose samples all failed) is taken up."""
+    recipe, _ = good_run
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "record.json").write_text("my notes")
+    (mine / "grid.png").write_bytes(b"my picture")
+    assert main(["generate", str(recipe), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "holds other files (grid.png, record.json)" in err and err.count("\n") == 1
+    assert sorted(p.name for p in mine.iterdir()) == ["grid.png", "record.json"]
+    assert (mine / "record.json").read_text() == "my notes"
+
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "record.json").write_text(json.dumps({"identity": "0" * 64, "completed": [], "failed": {"0": "x"}}))
+    assert main(["generate", str(recipe), "--out", str(failed)]) == 0
+    _check_complete(failed, 3)

@@ -141,6 +141,19 @@ def _read_json(path: Path):
         return None
 
 
+RUN_FIGURES = ("grid.png", "energy.png", "cosine.png")
+
+
+def _other_files(out: Path, our_samples: bool) -> list[str]:
+    """Entries of an unmarked folder that no run of ours wrote: our record vouches for the figures beside
+    it, our samples for a damaged recipe.json as well."""
+    record = _read_json(out / RECORD)
+    ours = {RECORD, *RUN_FIGURES} if our_samples or (isinstance(record, dict) and "identity" in record) else set()
+    ours |= {MARKER} if our_samples else set()
+    # hidden names are the lock and temporaries; samples are judged by their identity stamps
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith((".", "sample_")) and p.name not in ours)
+
+
 def _check_marker(out: Path, identity: dict, ident: str) -> bool:
     """Raise unless the folder may take samples of ``identity``; True when recipe.json records it."""
     marker = out / MARKER
@@ -160,6 +173,9 @@ def _check_marker(out: Path, identity: dict, ident: str) -> bool:
     has_samples = any(out.glob("sample_*"))
     ours = bool(stamps) and all(s == ident for s in stamps if s is not None) and ident in stamps
     if not has_samples or ours:
+        strays = _other_files(out, ours)
+        if strays:  # never write over a folder of someone else's files
+            raise ConfigError(f"output folder {out} holds other files ({', '.join(strays[:3])}); choose another --out")
         return False  # a fresh folder, or one to re-mark: recipe.json is written before the next write
     if not marker.exists():
         raise ConfigError(f"output folder {out} already holds samples of an unknown run (no {MARKER}); "
