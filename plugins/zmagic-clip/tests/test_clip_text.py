@@ -255,3 +255,55 @@ def test_pretrained_tag_found_in_the_hub_cache_offline(tiny, tmp_path, monkeypat
     sd = model.visual.state_dict()
     for k, v in energy.visual.state_dict().items():
         torch.testing.assert_close(v, sd[k])
+
+
+def test_pretrained_file_is_checked_resolved_and_identified(tiny, tmp_path, monkeypatch):
+    """pretrained may name a local file: check reports a missing one, a relative one resolves against the
+    recipe's folder, its contents are part of a run folder's identity; a tag stays a name."""
+    import shutil
+
+    import yaml
+    from zmagic_core import build_pipeline, check_recipe, load_recipe
+    from zmagic_core.app.identity import folder_identity, identity_differences
+    from zmagic_core.assembly.build import find_problems
+
+    config, pt, st, _ = tiny
+    (tmp_path / "w").mkdir()
+    shutil.copy(config, tmp_path / "w" / config.name)
+    shutil.copy(st, tmp_path / "w" / "clip.safetensors")
+    recipe = tmp_path / "clip.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"kind": "shapes", "size": 32}, "solver": {"kind": "ddpm", "steps": 2},
+        "conditions": [{"kind": "clip-text", "prompt": "a red circle", "model_config": f"w/{config.name}",
+                        "pretrained": "w/clip.safetensors"}],
+        "num_samples": 1, "batch_size": 1, "device": "cpu"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the recipe must not depend on the working directory
+    assert find_problems(recipe) == []
+    missing = find_problems(recipe, ["conditions.0.pretrained=w/nope.bin"])
+    assert len(missing) == 1 and missing[0].startswith("conditions.0.options.pretrained: file not found"), missing
+    plan = check_recipe(load_recipe(recipe, check=False))
+    assert plan.parts["conditions.0"][1]["pretrained"] == str(tmp_path / "w" / "clip.safetensors")
+    build_pipeline(plan)
+    before = folder_identity(plan)
+    shutil.copy(pt, tmp_path / "w" / "clip.safetensors")  # same path, other contents
+    assert identity_differences(before, folder_identity(plan)) == ["conditions.0.options.pretrained (file contents)"]
+    tag = check_recipe(load_recipe(recipe, ["conditions.0.pretrained=openai", "conditions.0.model_config=null"]))
+    assert tag.parts["conditions.0"][1]["pretrained"] == "openai"
+    assert "conditions.0.options.pretrained" not in folder_identity(tag)["files"]
+
+
+def test_options_that_fail_only_at_build_are_reported_by_check(tiny):
+    from zmagic_core.assembly.build import find_problems
+
+    def problem(**options):
+        found = find_problems({"model": {"kind": "shapes", "size": 32}, "device": "cpu",
+                               "conditions": [{"kind": "clip-text", "prompt": "x", **options}]})
+        assert len(found) == 1, found
+        return found[0]
+
+    assert "model: 'ViT-B-16' does not match model_config" in problem(model_config=str(tiny[0]), model="ViT-B-16")
+    assert "pretrained: null needs checkpoint" in problem(pretrained=None)
+    with pytest.raises(ConfigError, match="^clip-text options: Value error, pretrained: null needs checkpoint"):
+        build_clip_text(BuildContext(), prompt="x", pretrained=None)

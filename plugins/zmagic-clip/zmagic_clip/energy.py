@@ -11,12 +11,12 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from zmagic_core import BuildContext, ConfigError, Energy, FilePath
+from zmagic_core import BuildContext, ConfigError, Energy, FilePath, PathOrName
 
-from .loading import DEFAULT_PRETRAINED, LoadedClip, load_open_clip
+from .loading import DEFAULT_PRETRAINED, LoadedClip, load_open_clip, model_config_problem
 
 
 class ClipPreprocess(nn.Module):
@@ -54,8 +54,9 @@ class ClipTextOptions(BaseModel):
                               "l2: ||text - image|| of the unnormalised embeddings (FreeDoM)")
     model: Optional[str] = Field(None, description="open_clip model name (default ViT-B-16, or the name "
                                                    "model_config registers)")
-    pretrained: Optional[str] = Field(DEFAULT_PRETRAINED, description="open_clip pretrained tag; with checkpoint "
-                                      "it only names which weights the file holds (preprocessing, QuickGELU)")
+    pretrained: Optional[PathOrName] = Field(DEFAULT_PRETRAINED, description="open_clip pretrained tag, or a local "
+                                             "weights file; with checkpoint it only names which weights the file "
+                                             "holds (preprocessing, QuickGELU)")
     checkpoint: Optional[FilePath] = Field(None, description="local weights file (.safetensors / torch state dict)")
     model_config_path: Optional[FilePath] = Field(None, alias="model_config",
                                              description="JSON file with a custom open_clip model config")
@@ -64,6 +65,21 @@ class ClipTextOptions(BaseModel):
     cache_dir: Optional[str] = Field(None, description="Hugging Face cache folder for the weights")
     attention: Literal["math", "auto"] = Field(
         "math", description="math: twice-differentiable attention (needed for Hessian terms); auto: fastest")
+
+    @model_validator(mode="after")
+    def _weights_and_model_fit(self):
+        if not self.pretrained and not self.checkpoint:
+            raise ValueError("pretrained: null needs checkpoint (a local weights file); or give an open_clip tag "
+                             f"such as {DEFAULT_PRETRAINED!r}")
+        problem = model_config_problem(self.model_config_path, self.model)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def options_problems(exc: ValidationError) -> str:
+    """A pydantic error as one line: ``field: message; ...``."""
+    return "; ".join(": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"]))) for e in exc.errors())
 
 
 class ClipTextEnergy(Energy):
@@ -114,8 +130,8 @@ def build_clip_text(context: BuildContext, **options: Any) -> ClipTextEnergy:
     """CLIP text guidance (open_clip; default ViT-B/16 with OpenAI weights)."""
     try:
         opts = ClipTextOptions.model_validate(options)
-    except Exception as exc:
-        raise ConfigError(f"clip-text options: {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(f"clip-text options: {options_problems(exc)}") from None
     loaded = load_open_clip(model=opts.model, pretrained=opts.pretrained, checkpoint=opts.checkpoint,
                             model_config=opts.model_config_path, quick_gelu=opts.quick_gelu,
                             download=opts.download, cache_dir=opts.cache_dir, device=context.device,

@@ -64,6 +64,15 @@ def _quiet_random_init_warning():
         root.removeFilter(flt)
 
 
+def model_config_problem(model_config: Optional[str], model: Optional[str]) -> Optional[str]:
+    """Why ``model`` cannot go with ``model_config`` (open_clip names a config after its file), or None."""
+    stem = Path(model_config).stem if model_config else None
+    if stem is None or model is None or model == stem:
+        return None
+    return (f"model: {model!r} does not match model_config {model_config}, which registers the model {stem!r} "
+            f"(open_clip names a config after its file); set model: {stem} or leave model out")
+
+
 def register_config(model_config: str, model: Optional[str]) -> str:
     """Add a custom open_clip config (a JSON file) and return the model name it registers."""
     import open_clip
@@ -77,9 +86,9 @@ def register_config(model_config: str, model: Optional[str]) -> str:
         raise ConfigError(f"open_clip model_config {path} is not valid JSON: {exc}") from None
     if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
         raise ConfigError(f"open_clip model_config {path} needs the keys embed_dim, vision_cfg and text_cfg")
-    if model is not None and model != path.stem:
-        raise ConfigError(f"model_config {path} registers the model {path.stem!r} (open_clip names a config "
-                          f"after its file); set model: {path.stem} or leave model out")
+    problem = model_config_problem(model_config, model)
+    if problem:
+        raise ConfigError(problem)
     open_clip.add_model_config(path)
     return path.stem
 

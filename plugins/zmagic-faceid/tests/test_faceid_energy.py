@@ -97,7 +97,7 @@ def test_bad_options_are_config_errors(tiny_options):
         build_faceid(CTX, **tiny_options, colour="red")
     with pytest.raises(ConfigError, match="crop"):
         build_faceid(CTX, **{**tiny_options, "crop": "middle"})
-    with pytest.raises(InputError, match="box"):
+    with pytest.raises(ConfigError, match="box"):
         build_faceid(CTX, **tiny_options, box=[0.1, 0.2, 0.3])
     with pytest.raises(ConfigError, match="box"):
         build_faceid(CTX, **tiny_options, crop="freedom", box=[0.1, 0.2, 0.3, 0.4])

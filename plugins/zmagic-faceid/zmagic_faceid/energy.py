@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import Any, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
-from zmagic_core import (BuildContext, ConfigError, Energy, FilePath, find_weights, load_image, load_strict,
-                         read_state_dict)
+from zmagic_core import (BuildContext, ConfigError, Energy, FilePath, find_weights, hub_offline, load_image,
+                         load_strict, read_state_dict, unreachable)
 
-from .faces import Box, check_box, crop_resize, detect_face, fixed_crop_256, square_box
+from .faces import Box, box_problem, check_box, crop_resize, detect_face, fixed_crop_256, square_box
 from .irse import IR_SE50_UNITS, IR_SE50_WIDTHS, IRSEBackbone
 
 ARCFACE_FILE = "model_ir_se50.pth"
@@ -58,6 +58,35 @@ class FaceIDOptions(BaseModel):
     widths: list[int] = Field(list(IR_SE50_WIDTHS), min_length=1, max_length=6,
                               description="arcface only: channels per stage (IR-SE50: 64, 128, 256, 512)")
 
+    @field_validator("box")
+    @classmethod
+    def _box_is_fractions(cls, box: Optional[list[float]]) -> Optional[list[float]]:
+        problem = box_problem(box) if box is not None else ""
+        if problem:
+            raise ValueError(problem)
+        return box
+
+    @model_validator(mode="after")
+    def _options_agree(self) -> "FaceIDOptions":
+        if len(self.units) != len(self.widths):
+            raise ValueError("'units' and 'widths' need the same length (one entry per stage)")
+        if self.crop == "freedom" and self.box is not None:
+            raise ValueError("'box' needs crop: mtcnn (crop: freedom uses a fixed box)")
+        return self
+
+
+def fetch_facenet(url: str, target: str) -> None:
+    """facenet-pytorch's download, refused at once when offline or unreachable (its urllib call would hang)."""
+    from facenet_pytorch.models.utils.download import download_url_to_file
+
+    if hub_offline():
+        raise ConnectionError("not tried, offline mode is on (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or "
+                              "DIFFUSERS_OFFLINE)")
+    why = unreachable(url)  # one 3 s probe, so an offline machine fails at once
+    if why:
+        raise ConnectionError(f"not tried, {why}")
+    download_url_to_file(url, target)
+
 
 def build_backbone(opts: FaceIDOptions) -> nn.Module:
     """The embedding network with its weights loaded strictly (safely: no pickled code)."""
@@ -67,14 +96,13 @@ def build_backbone(opts: FaceIDOptions) -> nn.Module:
         load_strict(net, read_state_dict(path), path, "ArcFace IR-SE")
     else:
         from facenet_pytorch import InceptionResnetV1
-        from facenet_pytorch.models.utils.download import download_url_to_file
 
         url = FACENET_URLS[opts.pretrained]
         net = InceptionResnetV1(pretrained=None)
         path = find_weights(
             f"facenet InceptionResnetV1 ({opts.pretrained})", url.rsplit("/", 1)[1], opts.weights,
             f"facenet-pytorch downloads it from {url} (InceptionResnetV1(pretrained={opts.pretrained!r})).",
-            url=url, download=opts.download, downloader=download_url_to_file)
+            url=url, download=opts.download, downloader=fetch_facenet)
         # the released checkpoints carry a classifier head ('logits.*') the embedding does not use
         load_strict(net, read_state_dict(path), path, "InceptionResnetV1", ignore_prefixes=("logits.",))
     return net.eval().requires_grad_(False)
@@ -115,11 +143,18 @@ class FaceIDEnergy(Energy):
         return (1.0 - cos).clamp_min(0.0)
 
 
+def no_face_remedy(opts: FaceIDOptions) -> str:
+    """What to change when MTCNN finds no face, given the options that made it look for one."""
+    if opts.crop == "freedom" or opts.box is not None:
+        return "set check_face: false (the crop does not need a detected face)"
+    return "set an explicit 'box'" + (" and check_face: false" if opts.check_face else "")
+
+
 def reference_box(opts: FaceIDOptions, reference: torch.Tensor) -> Optional[Box]:
     """The crop box for ``opts`` (None = FreeDoM's fixed crop); detection on the reference only."""
     detected = None
     if opts.check_face or (opts.crop == "mtcnn" and opts.box is None):
-        detected, _, _ = detect_face(reference, source=f"reference image {opts.reference}")
+        detected, _, _ = detect_face(reference, f"reference image {opts.reference}", no_face_remedy(opts))
     if opts.crop == "freedom":
         return None
     base = check_box(opts.box) if opts.box is not None else detected
@@ -132,11 +167,8 @@ def build_faceid(context: BuildContext, **options: Any) -> FaceIDEnergy:
     try:
         opts = FaceIDOptions(**options)
     except ValidationError as exc:
-        raise ConfigError(f"faceid options: {exc}") from None
-    if len(opts.units) != len(opts.widths):
-        raise ConfigError("faceid options: 'units' and 'widths' need the same length")
-    if opts.crop == "freedom" and opts.box is not None:
-        raise ConfigError("faceid options: 'box' needs crop: mtcnn (crop: freedom uses a fixed box)")
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"faceid options: {problems}") from None
     reference = load_image(opts.reference, opts.reference_size)
     backbone = build_backbone(opts)  # before detection: a missing weight file is reported at once
     box = reference_box(opts, reference)

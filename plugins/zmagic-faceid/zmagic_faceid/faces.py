@@ -30,10 +30,11 @@ def _mtcnn():
     return MTCNN(keep_all=True, select_largest=True, device="cpu").eval()
 
 
-def detect_face(image: torch.Tensor, source: str = "the reference") -> tuple[Box, np.ndarray, float]:
+def detect_face(image: torch.Tensor, source: str = "the reference",
+                remedy: str = "set an explicit 'box'") -> tuple[Box, np.ndarray, float]:
     """The largest face of a (3, H, W) image in [-1, 1]: normalised box, 5 points (pixels), probability.
 
-    Raises InputError naming ``source`` when MTCNN finds no face.
+    Raises InputError naming ``source`` (and suggesting ``remedy``) when MTCNN finds no face.
     """
     h, w = image.shape[-2:]
     hwc = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).contiguous()
@@ -44,7 +45,7 @@ def detect_face(image: torch.Tensor, source: str = "the reference") -> tuple[Box
     boxes, probs, points = _DETECTIONS[key]
     if boxes is None or len(boxes) == 0:
         raise InputError(f"no face found in {source} (MTCNN); give an image with a clearly visible face, "
-                         "or set an explicit 'box'")
+                         f"or {remedy}")
     x0, y0, x1, y1 = (float(v) for v in boxes[0])
     return (x0 / w, y0 / h, x1 / w, y1 / h), np.asarray(points[0], dtype=np.float64), float(probs[0])
 
@@ -61,12 +62,22 @@ def square_box(box: Box, aspect: float = 1.0, scale: float = 1.0, shift_y: float
     return (cx - side / aspect / 2, cy - side / 2, cx + side / aspect / 2, cy + side / 2)
 
 
+def box_problem(box: Sequence[float], name: str = "box") -> str:
+    """Why ``box`` is not a crop box ('' when it is): 4 fractions, 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1."""
+    v = [float(x) for x in box]
+    # NaN fails every comparison, so it is refused too
+    if len(v) == 4 and 0 <= v[0] < v[2] <= 1 and 0 <= v[1] < v[3] <= 1:
+        return ""
+    return (f"{name} must be [x0, y0, x1, y1]: 4 fractions of the image width/height in [0, 1] (not pixels) "
+            "with x0 < x1 and y0 < y1")
+
+
 def check_box(box: Sequence[float], name: str = "box") -> Box:
-    if len(box) != 4:
-        raise InputError(f"{name} must be [x0, y0, x1, y1] in [0, 1] image fractions, got {list(box)}")
+    """``box`` as a Box, or an InputError saying why it is none (see :func:`box_problem`)."""
+    problem = box_problem(box, name)
+    if problem:
+        raise InputError(f"{problem}; got {list(box) if len(box) <= 8 else f'{len(box)} values'}")
     x0, y0, x1, y1 = (float(v) for v in box)
-    if not (x1 > x0 and y1 > y0):
-        raise InputError(f"{name} {list(box)} is empty: need x1 > x0 and y1 > y0")
     return (x0, y0, x1, y1)
 
 

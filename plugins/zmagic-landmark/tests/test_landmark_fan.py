@@ -63,3 +63,18 @@ def test_fan_errors(tmp_path, monkeypatch, astronaut_png):
     onet_as_fan.write_bytes(onet_weights_path().read_bytes())
     with pytest.raises(InputError, match="does not fit the face-alignment FAN"):
         build_landmark(CTX, reference=str(astronaut_png), backbone="fan", weights=str(onet_as_fan), fan_modules=1)
+
+
+def test_example_docs_name_the_folder_fan_is_looked_up_in(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from zmagic_core import search_dirs
+
+    faces = Path(__file__).resolve().parents[3] / "examples" / "faces"
+    if not faces.is_dir():
+        pytest.skip("not run from the zmagic repository")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert tmp_path / "hub" / "checkpoints" in search_dirs()
+    for doc in (faces / "README.md", faces / "id_landmark.yaml"):
+        text = doc.read_text()
+        assert "$TORCH_HOME/hub/checkpoints" in text and "$TORCH_HOME/checkpoints" not in text, doc

@@ -113,7 +113,7 @@ def test_option_errors(astronaut_png, tmp_path):
         build_landmark(CTX, reference=str(astronaut_png), points=str(tmp_path / "p.json"))
     with pytest.raises(ConfigError, match="backbone"):
         build_landmark(CTX, reference=str(astronaut_png), backbone="dlib")
-    with pytest.raises(ConfigError, match="extra"):
+    with pytest.raises(ConfigError, match="scale: Extra inputs are not permitted"):
         build_landmark(CTX, reference=str(astronaut_png), scale=3)
 
 

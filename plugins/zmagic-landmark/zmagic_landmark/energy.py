@@ -7,14 +7,15 @@ or a points file.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
-from zmagic_core import BuildContext, ConfigError, Energy, FilePath, load_image
-from zmagic_faceid import Box, check_box, crop_resize, detect_face, square_box
+from zmagic_core import BuildContext, ConfigError, Energy, FilePath, InputError, load_image
+from zmagic_faceid import Box, box_problem, check_box, crop_resize, detect_face, square_box
 
 from .networks import FANLandmarks, ONetLandmarks
 from .points import read_points
@@ -45,6 +46,27 @@ class LandmarkOptions(BaseModel):
     temperature: float = Field(0.05, gt=0, description="fan only: softmax temperature of the soft-argmax")
     fan_input_size: int = Field(256, ge=64, le=512, multiple_of=16,
                                 description="fan only: crop size fed to FAN (trained at 256; smaller for tests)")
+
+    @field_validator("box")
+    @classmethod
+    def _box_is_fractions(cls, box: Optional[list[float]]) -> Optional[list[float]]:
+        problem = box_problem(box) if box is not None else ""
+        if problem:
+            raise ValueError(problem)
+        return box
+
+    @field_validator("points_size")
+    @classmethod
+    def _size_is_positive(cls, size: Optional[list[float]]) -> Optional[list[float]]:
+        if size is not None and not all(math.isfinite(v) and v > 0 for v in size):
+            raise ValueError("points_size must be [width, height] in pixels, both > 0")
+        return size
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "LandmarkOptions":
+        if (self.reference is None) == (self.points is None):
+            raise ValueError("landmark needs exactly one of 'reference' (an image) or 'points' (a points file)")
+        return self
 
 
 class LandmarkEnergy(Energy):
@@ -85,9 +107,12 @@ def network_box(backbone: str, face: Box, width: int, height: int) -> Box:
     return square_box(face, aspect=aspect, scale=side / max(fw, fh), shift_y=FAN_CENTER_SHIFT)
 
 
-def box_from_points(backbone: str, points: torch.Tensor) -> Box:
+def box_from_points(backbone: str, points: torch.Tensor, source: str = "the points") -> Box:
     """A face box guessed from target points (no reference): a square around their bounding box."""
     (x0, y0), (x1, y1) = points.min(0).values.tolist(), points.max(0).values.tolist()
+    if x1 <= x0 and y1 <= y0:  # a zero-size crop would make the energy zero: guidance silently off
+        raise InputError(f"{source}: the points span no area (all equal), so no face box can be guessed from "
+                         "them; give distinct points or an explicit 'box'")
     return square_box((x0, y0, x1, y1), scale=POINTS_TO_BOX[backbone])
 
 
@@ -102,9 +127,8 @@ def build_landmark(context: BuildContext, **options: Any) -> LandmarkEnergy:
     try:
         opts = LandmarkOptions(**options)
     except ValidationError as exc:
-        raise ConfigError(f"landmark options: {exc}") from None
-    if (opts.reference is None) == (opts.points is None):
-        raise ConfigError("landmark needs exactly one of 'reference' (an image) or 'points' (a points file)")
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"landmark options: {problems}") from None
     count = ONetLandmarks.num_points if opts.backbone == "onet" else FANLandmarks.num_points
     reference, target = None, None
     if opts.reference is not None:
@@ -119,7 +143,7 @@ def build_landmark(context: BuildContext, **options: Any) -> LandmarkEnergy:
             face, _, _ = detect_face(reference, source=f"reference image {opts.reference}")
     else:
         height = width = 1  # boxes from points are squares in image fractions (square images)
-        face = face if face is not None else box_from_points(opts.backbone, target)
+        face = face if face is not None else box_from_points(opts.backbone, target, f"points file {opts.points}")
     box = network_box(opts.backbone, face, width, height)
     if target is None:
         with torch.no_grad():

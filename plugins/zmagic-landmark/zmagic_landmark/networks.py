@@ -15,12 +15,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zmagic_core import find_weights, load_strict, read_state_dict
+from zmagic_core import find_weights, hub_offline, load_strict, read_state_dict, unreachable
 
 FAN_URL = "https://www.adrianbulat.com/downloads/python-fan/2DFAN4-11f355bf06.pth.tar"
 FAN_FILE = FAN_URL.rsplit("/", 1)[1]
 FAN_HOW_TO_GET = (f"face-alignment (1adrianb/face-alignment) downloads 2DFAN-4 from {FAN_URL} "
                   "(FaceAlignment(LandmarksType.TWO_D) does it on first use).")
+
+
+def fetch_fan(url: str, target: str) -> None:
+    """face-alignment's download, refused at once when offline or unreachable (its urllib call would hang)."""
+    from face_alignment.utils import load_file_from_url
+
+    if hub_offline():
+        raise ConnectionError("not tried, offline mode is on (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or "
+                              "DIFFUSERS_OFFLINE)")
+    why = unreachable(url)  # one 3 s probe, so an offline machine fails at once
+    if why:
+        raise ConnectionError(f"not tried, {why}")
+    load_file_from_url(url, model_dir=str(Path(target).parent))
 
 
 def onet_weights_path() -> Path:
@@ -81,14 +94,8 @@ class FANLandmarks(nn.Module):
 
         self.temperature, self.input_size = temperature, input_size  # FAN is convolutional: 256 is its training size
         self.net = FAN(modules)
-
-        def fetch(url: str, target: str) -> None:
-            from face_alignment.utils import load_file_from_url
-
-            load_file_from_url(url, model_dir=str(Path(target).parent))
-
         path = find_weights("face-alignment 2DFAN-4", FAN_FILE, weights, FAN_HOW_TO_GET,
-                            url=FAN_URL, download=download, downloader=fetch)
+                            url=FAN_URL, download=download, downloader=fetch_fan)
         load_strict(self.net, read_state_dict(path), path, f"face-alignment FAN({modules})")
         self.net.eval().requires_grad_(False)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -9,6 +10,15 @@ import numpy as np
 import torch
 
 from zmagic_core import InputError
+
+
+def json_size(file: Path, data: dict, key: str) -> float:
+    """``data[key]`` (the image width or height the points are pixels of) as a positive number."""
+    value = data[key]
+    # bool is an int to Python, but never a size
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise InputError(f"points file {file}: {key!r} must be a positive number of pixels, got {value!r:.60}")
+    return float(value)
 
 
 def read_points(path: str, expected: int, size: Optional[Sequence[float]] = None) -> torch.Tensor:
@@ -30,7 +40,7 @@ def read_points(path: str, expected: int, size: Optional[Sequence[float]] = None
                 if "points" not in data:
                     raise InputError(f"points file {file}: a JSON object needs a 'points' list")
                 if size is None and "width" in data and "height" in data:
-                    size = (data["width"], data["height"])
+                    size = (json_size(file, data, "width"), json_size(file, data, "height"))
                 data = data["points"]
         arr = np.asarray(data, dtype=np.float64)
     except InputError:

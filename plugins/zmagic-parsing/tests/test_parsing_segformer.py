@@ -4,8 +4,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from zmagic_core import BuildContext, InputError, WeightsNotFoundError, load_image
-from zmagic_parsing.energy import ParsingEnergy, build_parsing  # noqa: E402
+from zmagic_core import BuildContext, ConfigError, InputError, WeightsNotFoundError, load_image
+from zmagic_parsing.energy import ParsingEnergy, build_parsing, build_segformer_parser  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -67,5 +67,42 @@ def test_unknown_model_offline_is_weights_not_found(images, tmp_path):
 
 
 def test_a_file_is_not_a_segformer_checkpoint(images, checkpoint):
-    with pytest.raises(InputError, match="save_pretrained folder"):
+    from zmagic_core.assembly.build import find_problems
+
+    with pytest.raises(ConfigError, match="save_pretrained folder"):
         build(checkpoint, images[0])
+    with pytest.raises(InputError, match="save_pretrained folder"):
+        build_segformer_parser(str(checkpoint))
+    condition = {"kind": "parsing", "reference": str(images[0]), "backbone": "segformer", "weights": str(checkpoint)}
+    (found,) = find_problems({"model": {"kind": "shapes", "size": 32}, "conditions": [condition], "device": "cpu"})
+    assert found.startswith("conditions.0.options: Value error, weights: the segformer backbone needs"), found
+
+
+def test_hub_id_not_cached_fails_at_once_when_the_hub_is_unreachable(images, monkeypatch):
+    """Not cached, not offline, hub unreachable: one line naming the id and the folder way, no download tries."""
+    import huggingface_hub.constants
+    from transformers import SegformerForSemanticSegmentation
+
+    import zmagic_parsing.energy as energy
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    real, tries = SegformerForSemanticSegmentation.from_pretrained, []
+
+    def from_pretrained(name, **kwargs):
+        tries.append(kwargs.get("local_files_only", False))
+        if not kwargs.get("local_files_only"):
+            raise OSError("a download was tried")  # never the network in a test
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(SegformerForSemanticSegmentation, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(energy, "unreachable", lambda *a, **k: "huggingface.co cannot be reached (test)")
+    with pytest.raises(WeightsNotFoundError) as info:
+        build("no-such/face-parser", images[0])
+    message = str(info.value)
+    assert "'no-such/face-parser'" in message and "cannot be reached" in message and "--local-dir" in message
+    assert "\n" not in message and tries == [True]
+    monkeypatch.setattr(energy, "unreachable", lambda *a, **k: None)  # reachable: the download is tried
+    with pytest.raises(WeightsNotFoundError, match="a download was tried"):
+        build("no-such/face-parser", images[0])
+    assert tries == [True, True, False]

@@ -13,11 +13,11 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from zmagic_core import (BuildContext, ConfigError, Energy, FilePath, InputError, PathOrName,
-                         WeightsNotFoundError, find_weights, load_image)
+                         WeightsNotFoundError, find_weights, hub_offline, load_image, unreachable)
 
 from .bisenet import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, load_bisenet
 
@@ -45,6 +45,14 @@ class ParsingOptions(BaseModel):
         "logits", description="compare raw logits (FreeDoM) or per-pixel softmax probabilities")
     reduction: Literal["l2", "mse"] = Field(
         "l2", description="l2: plain L2 norm of the difference (FreeDoM); mse: mean squared difference")
+
+    @model_validator(mode="after")
+    def _weights_fit_backbone(self):
+        # zmagic check resolves weights before validating, so a file found here is the one the build would get
+        if self.backbone == "segformer" and self.weights and Path(self.weights).expanduser().is_file():
+            raise ValueError(f"weights: the segformer backbone needs a Hugging Face model id or a save_pretrained "
+                             f"folder, not a file: {self.weights}")
+        return self
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -145,10 +153,28 @@ def build_segformer_parser(weights: Optional[str]) -> nn.Module:
     local = Path(name).expanduser()
     if local.exists() and not local.is_dir():
         raise InputError(f"SegFormer checkpoint must be a model id or a save_pretrained folder, not a file: {local}")
-    try:
+
+    def load(**kwargs):
         # Eager attention: SDPA kernels on the CPU have no double backward, which guidance may need.
-        model = SegformerForSemanticSegmentation.from_pretrained(str(local) if local.is_dir() else name,
-                                                                 attn_implementation="eager")
+        return SegformerForSemanticSegmentation.from_pretrained(str(local) if local.is_dir() else name,
+                                                                attn_implementation="eager", **kwargs)
+
+    try:
+        if local.is_dir():
+            model = load()
+        else:
+            try:
+                model = load(local_files_only=True)  # the cache first: no network when the model is there
+            except (OSError, ValueError):
+                # the hub client retries for ~30 s on an offline machine: fail at once instead
+                why = ("offline mode is on (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or DIFFUSERS_OFFLINE)"
+                       if hub_offline() else unreachable())
+                if why:
+                    raise WeightsNotFoundError(
+                        f"SegFormer face parser {name!r} is not in the Hugging Face cache and cannot be downloaded: "
+                        f"{why}; on a machine with network run `hf download {name} --local-dir segformer-face` "
+                        f"and pass that folder as 'weights'") from None
+                model = load()
     except (OSError, ValueError) as exc:
         where = "the folder" if local.is_dir() else "the Hugging Face cache or hub (HF_HOME, HF_HUB_OFFLINE)"
         raise WeightsNotFoundError(

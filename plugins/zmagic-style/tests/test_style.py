@@ -249,3 +249,54 @@ def test_guided_run_lowers_the_energy_vgg(vgg_weights, tmp_path):
     with torch.no_grad():
         eg, ep = energy(g.images), energy(p.images)
     assert eg.mean() < 0.9 * ep.mean(), (eg, ep)
+
+
+def test_weights_file_is_checked_resolved_and_identified(vgg_weights, pictures, tmp_path, monkeypatch):
+    """weights is a path option: check reports a missing file, a relative path resolves against the
+    recipe's folder (not the working directory), and the file's contents are part of a run folder's identity."""
+    import shutil
+
+    import yaml
+    from zmagic_core import build_pipeline, check_recipe, load_recipe
+    from zmagic_core.app.identity import folder_identity, identity_differences
+    from zmagic_core.assembly.build import find_problems
+
+    (tmp_path / "w").mkdir()
+    shutil.copy(vgg_weights[0], tmp_path / "w" / "vgg.safetensors")
+    shutil.copy(pictures / "reference.png", tmp_path / "w" / "ref.png")
+    recipe = tmp_path / "style.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"kind": "shapes", "size": 32}, "solver": {"kind": "ddpm", "steps": 2},
+        "conditions": [{"kind": "style", "reference": "w/ref.png", "backbone": "vgg", "weights": "w/vgg.safetensors",
+                        "image_size": 32, "layers": ["relu1_1"]}],
+        "num_samples": 1, "batch_size": 1, "device": "cpu"}))
+    monkeypatch.chdir(pictures)  # another folder: the recipe must not depend on the working directory
+    assert find_problems(recipe) == []
+    missing = find_problems(recipe, ["conditions.0.weights=w/nope.pth"])
+    assert len(missing) == 1 and missing[0].startswith("conditions.0.options.weights: file not found"), missing
+    plan = check_recipe(load_recipe(recipe, check=False))
+    assert plan.parts["conditions.0"][1]["weights"] == str(tmp_path / "w" / "vgg.safetensors")
+    build_pipeline(plan)
+    before = folder_identity(plan)
+    shutil.copy(vgg_weights[1], tmp_path / "w" / "vgg.safetensors")  # same path, other contents
+    assert identity_differences(before, folder_identity(plan)) == ["conditions.0.options.weights (file contents)"]
+
+
+def test_options_that_fail_only_at_build_are_reported_by_check(tiny_clip, pictures):
+    from zmagic_core.assembly.build import find_problems
+
+    vgg = {"reference": str(pictures / "reference.png"), "backbone": "vgg"}
+    clip = {"reference": str(pictures / "reference.png"), "model_config": str(tiny_clip[0])}
+
+    def problem(**options):
+        found = find_problems({"model": {"kind": "shapes", "size": 32}, "device": "cpu",
+                               "conditions": [{"kind": "style", **options}]})
+        assert len(found) == 1, found
+        return found[0]
+
+    assert "options.layers: Value error, unknown VGG19 layers ['relu9_9']" in problem(**vgg, layers=["relu9_9"])
+    assert "image_size: 16 is too small for layer pool5" in problem(**vgg, image_size=16, layers=["pool5"])
+    assert "model: 'ViT-B-16' does not match model_config" in problem(**clip, model="ViT-B-16")
+    StyleOptions.model_validate({**vgg, "image_size": 16, "layers": ["relu5_1"]})  # 16 / 2**4: still one pixel
+    with pytest.raises(ConfigError, match="^style options: layers: Value error, unknown VGG19 layers"):
+        build_style(BuildContext(), **vgg, layers=["relu9_9"])

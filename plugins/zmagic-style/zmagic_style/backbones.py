@@ -99,6 +99,12 @@ def vgg19_layer_names() -> list[str]:
     return names
 
 
+def vgg19_min_size(layer: str) -> int:
+    """The smallest image side at which ``layer`` still has a feature map: each pool up to it halves the side."""
+    names = vgg19_layer_names()
+    return 2 ** sum(n.startswith("pool") for n in names[: names.index(layer) + 1])
+
+
 def vgg19_features(upto: int) -> nn.Sequential:
     """VGG19's ``features`` modules 0..upto (torchvision's layout), non-inplace ReLUs."""
     layers: list[nn.Module] = []

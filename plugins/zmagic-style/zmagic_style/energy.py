@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import Any, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
-from zmagic_clip import DEFAULT_PRETRAINED, load_open_clip
-from zmagic_core import BuildContext, ConfigError, Energy, FilePath, load_image, read_state_dict
+from zmagic_clip import DEFAULT_PRETRAINED, load_open_clip, model_config_problem
+from zmagic_core import BuildContext, ConfigError, Energy, FilePath, PathOrName, load_image, read_state_dict
 
-from .backbones import GATYS_LAYERS, ClipTokens, VggFeatures, vgg19_weights_file
+from .backbones import (GATYS_LAYERS, ClipTokens, VggFeatures, vgg19_layer_names, vgg19_min_size,
+                        vgg19_weights_file)
 
 CLIP_ONLY = ("model", "pretrained", "checkpoint", "model_config_path", "quick_gelu", "block", "attention")
 VGG_ONLY = ("weights", "image_size", "layers")
@@ -34,7 +35,8 @@ class StyleOptions(BaseModel):
                                                        "folder holding vgg19-dcbb9e9d.pth (vgg)")
     # clip backbone
     model: Optional[str] = Field(None, description="open_clip model (default ViT-B-16)")
-    pretrained: Optional[str] = Field(None, description=f"open_clip pretrained tag (default {DEFAULT_PRETRAINED})")
+    pretrained: Optional[PathOrName] = Field(None, description=f"open_clip pretrained tag or a local weights "
+                                                               f"file (default {DEFAULT_PRETRAINED})")
     checkpoint: Optional[FilePath] = Field(None, description="local CLIP weights file (.safetensors / state dict)")
     model_config_path: Optional[FilePath] = Field(None, alias="model_config",
                                              description="JSON file with a custom open_clip model config")
@@ -43,7 +45,7 @@ class StyleOptions(BaseModel):
     attention: Optional[Literal["math", "auto"]] = Field(
         None, description="math (default): twice-differentiable attention; auto: fastest kernel")
     # vgg backbone
-    weights: Optional[str] = Field(None, description="local VGG19 state dict (default: torchvision IMAGENET1K_V1)")
+    weights: Optional[FilePath] = Field(None, description="local VGG19 state dict (default: torchvision IMAGENET1K_V1)")
     image_size: Optional[int] = Field(None, ge=16, le=2048, description="side the images are resized to (default 224)")
     layers: Optional[list[str]] = Field(None, min_length=1, description=f"VGG19 layers (default {list(GATYS_LAYERS)})")
 
@@ -53,7 +55,24 @@ class StyleOptions(BaseModel):
         given = [n if n != "model_config_path" else "model_config" for n in wrong if getattr(self, n) is not None]
         if given:
             raise ValueError(f"options {given} do not apply to backbone {self.backbone!r}")
+        problem = model_config_problem(self.model_config_path, self.model) if self.backbone == "clip" else None
+        if problem:
+            raise ValueError(problem)
+        if self.backbone == "vgg":
+            size = self.image_size or 224
+            deepest = max(self.layers or GATYS_LAYERS, key=vgg19_min_size)
+            if size < vgg19_min_size(deepest):
+                raise ValueError(f"image_size: {size} is too small for layer {deepest}, which needs at least "
+                                 f"{vgg19_min_size(deepest)} (each pool halves the side)")
         return self
+
+    @field_validator("layers")
+    @classmethod
+    def _known_layers(cls, layers):
+        unknown = [n for n in layers or () if n not in vgg19_layer_names()]
+        if unknown:
+            raise ValueError(f"unknown VGG19 layers {unknown}; choose from {', '.join(vgg19_layer_names())}")
+        return layers
 
 
 def gram_matrix(feats: torch.Tensor, mode: str) -> torch.Tensor:
@@ -98,8 +117,9 @@ def build_style(context: BuildContext, **options: Any) -> StyleEnergy:
     """Gram-matrix style guidance towards a reference image (CLIP ViT block-2 tokens or VGG19)."""
     try:
         opts = StyleOptions.model_validate(options)
-    except Exception as exc:
-        raise ConfigError(f"style options: {exc}") from None
+    except ValidationError as exc:  # one line: field: message; ...
+        raise ConfigError("style options: " + "; ".join(
+            ": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"]))) for e in exc.errors())) from None
     reference = load_image(opts.reference)  # InputError for a missing or unreadable file, before any model
     if opts.backbone == "clip":
         loaded = load_open_clip(model=opts.model, pretrained=opts.pretrained or DEFAULT_PRETRAINED,
