@@ -275,3 +275,38 @@ def test_an_aliased_path_option_resolves_by_either_name_and_errors_list_the_alia
     (tmp_path / "recipes" / "bad.yaml").write_text("conditions: [{kind: aliased, config: c.json, colour: 1}]\n")
     with pytest.raises(ConfigError, match=r"aliased accepts: config\)"):
         load_recipe(tmp_path / "recipes" / "bad.yaml", registry=reg)
+
+
+class BuildFails:
+    @hookimpl
+    def register_energies(self, register):
+        def build(context, **options):
+            raise zmagic_core.InputError("no face found in reference image blank.png")
+        register("fails", build)
+
+
+def test_generate_checks_files_before_loading_and_a_failed_build_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    import zmagic_core.app.runner as runner
+    import zmagic_core.plugins.registry as registry_module
+    from zmagic_core.app.cli import main
+
+    reg = Registry(load_entry_points=False)
+    reg.register_plugin(BuildFails(), "fails")
+    monkeypatch.setattr(registry_module, "_default", reg)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the pipeline was built although a file is missing")
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {kind: shapes, size: 16}\nsolver: {kind: ddpm, steps: 2}\n"
+                      "conditions: [{kind: shapes-style, reference: gone.png}]\n")
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "build_pipeline", no_build)
+        assert main(["generate", str(recipe), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err == "zmagic: error: conditions.0.options.reference: file not found: gone.png\n"
+    assert not (tmp_path / "a").exists()
+    recipe.write_text("model: {kind: shapes, size: 16}\nsolver: {kind: ddpm, steps: 2}\nconditions: [{kind: fails}]\n")
+    assert main(["generate", str(recipe), "--out", str(tmp_path / "b")]) == 2
+    assert "no face found in reference image blank.png" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

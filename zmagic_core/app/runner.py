@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,7 +62,7 @@ import torch
 
 from zmagic_core.app.identity import environment, folder_identity, identity_differences, identity_hash
 from zmagic_core.app.plots import plot_cosines, plot_energies
-from zmagic_core.assembly.build import build_evaluators, build_pipeline, check_recipe
+from zmagic_core.assembly.build import build_evaluators, build_pipeline, check_recipe, missing_files
 from zmagic_core.assembly.recipe import Recipe
 from zmagic_core.contracts.components import FinishedRun
 from zmagic_core.contracts.errors import ConfigError, InputError
@@ -242,6 +243,20 @@ def generate(recipe: Recipe, out: Optional[Path] = None, progress: Optional[bool
     by raising KeyboardInterrupt, which the loop lets through)."""
     out = Path(out or recipe.output or "outputs/run")
     plan = check_recipe(recipe, registry)  # once per run: the build below reuses it
+    missing = missing_files(plan)  # before any model loads (a download can take minutes)
+    if missing:
+        raise ConfigError(missing[0] if len(missing) == 1 else f"{len(missing)} files not found: {'; '.join(missing)}")
+    created = not out.exists()
+    try:
+        return _generate(plan, out, progress, callback)
+    except BaseException:
+        if created and out.is_dir() and all(p.name.startswith(".") for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)  # a run that wrote nothing leaves no folder (only a lock)
+        raise
+
+
+def _generate(plan, out: Path, progress, callback) -> dict:
+    recipe = plan.recipe
     _make_folder(out)
     with lock_folder(out):
         clean_temporaries(out)

@@ -307,7 +307,8 @@ def _looks_like_path(value: str) -> bool:
     return value.lower().endswith(FILE_SUFFIXES)
 
 
-def _missing_files(plan: CheckedRecipe) -> list[str]:
+def missing_files(plan: CheckedRecipe) -> list[str]:
+    """One line per path option naming a file that does not exist (its field, its value)."""
     missing = []
     for where, (reg, options) in plan.parts.items():
         if reg.options is None:
@@ -383,9 +384,9 @@ def check_report(source: Union[Recipe, str, Path, dict], overrides: tuple[str, .
                 before = len(problems.found)
                 _check_part(plan, category, spec, where, problems, base)
                 found += [p for p in problems.found[before:] if p not in found]
-            return found + _missing_files(plan), None
+            return found + missing_files(plan), None
     plan = _check(recipe, registry, problems)
-    found = problems.found + _missing_files(plan)
+    found = problems.found + missing_files(plan)
     if found:
         return found, None
     recipe._plan = plan
