@@ -122,6 +122,15 @@ def test_load_plugins_env_restricts_loading(fake_dists, monkeypatch, value, expe
     assert "shapes" in reg.names("model")
 
 
+def test_load_plugins_env_naming_no_installed_plugin_is_reported(fake_dists, monkeypatch):
+    fake_dists.append(FakeDist("zmagic-a", "1", [FakeEntryPoint("a", plugin_module("a", ["ea"]))]))
+    monkeypatch.setenv("ZMAGIC_LOAD_PLUGINS", "a,bogus")
+    reg = Registry()
+    assert reg.get("energy", "ea").plugin == "a"
+    (report,) = [p for p in reg.plugins() if p.errors]
+    assert report.name == "(ZMAGIC_LOAD_PLUGINS)" and "names no installed plugin: bogus" in report.errors[0]
+
+
 def test_register_and_unregister_in_process(fake_dists):
     reg = Registry()
     reg.register_plugin(plugin_module("local", ["local-energy"]), "local")

@@ -150,6 +150,7 @@ class Registry:
             self._refused.append(PluginInfo("(entry points)", errors=[f"listing installed packages failed: "
                                                                       f"{_error_text(exc)}"]))
             return
+        seen: set[str] = set()
         for dist in dists:
             try:
                 eps = [ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP]
@@ -162,10 +163,15 @@ class Registry:
                                                 errors=[f"reading its metadata failed: {_error_text(exc)}"]))
                 continue
             for ep in eps:
+                seen |= {ep.name, dist_name}
                 if allowed is not None and ep.name not in allowed and dist_name not in allowed:
                     self._excluded.add(_normalize(dist_name))
                     continue
                 self._load_entry_point(ep, dist_name, version)
+        unknown = sorted((allowed or set()) - seen)
+        if unknown:  # a typo in the list would otherwise load nothing and say nothing
+            self._refused.append(PluginInfo(f"({LOAD_PLUGINS_ENV})", errors=[
+                f"names no installed plugin: {', '.join(unknown)} (installed: {', '.join(sorted(seen)) or 'none'})"]))
 
     def _load_entry_point(self, ep, dist_name: str, version: str) -> None:
         name = ep.name
