@@ -86,8 +86,18 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
         read_state_dict(path)
     assert "pickled code ran" not in capsys.readouterr().out
     torch.save({"weights": nn.Linear(2, 2)}, path)  # a pickled module, not tensors
-    with pytest.raises(InputError, match="cannot read weights file"):
+    with pytest.raises(InputError, match="cannot read weights file") as err:
         read_state_dict(path)
+    message = str(err.value)  # the reason, and never torch's advice to load with weights_only=False
+    assert "pickled Python objects" in message and "Linear" in message and "False" not in message
+    assert "\n" not in message and capsys.readouterr().err == ""  # no torch warnings above it
+
+
+def test_a_folder_given_as_weights_is_named_as_a_folder(tmp_path):
+    with pytest.raises(InputError, match="is a folder; give the weights file itself"):
+        read_state_dict(tmp_path)
+    with pytest.raises(InputError, match="is a folder; give the weights file itself"):
+        find_weights("ArcFace", "model_ir_se50.pth", str(tmp_path), "get it from ...")
 
 
 def test_not_tensors_and_wrong_architecture(tmp_path):

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from zmagic_core.contracts.errors import InputError, WeightsNotFoundError
+from zmagic_core.contracts.errors import InputError, WeightsNotFoundError, clip_text
 
 WEIGHTS_DIR_ENV = "ZMAGIC_WEIGHTS_DIR"
 
@@ -55,6 +56,8 @@ def find_weights(what: str, filename: str, explicit: Optional[str], how_to_get: 
         path = Path(explicit).expanduser()
         if path.is_file():
             return path
+        if path.is_dir():
+            raise InputError(f"{what} weights: {path} is a folder; give the weights file itself ({filename!r})")
         raise WeightsNotFoundError(f"{what} weights not found: {path} does not exist. {how_to_get}")
     looked = [d / name for d in search_dirs() for name in (filename, *alternatives)]
     for path in looked:
@@ -86,6 +89,8 @@ def read_state_dict(path: Union[str, Path], what: str = "weights") -> dict[str, 
     cannot be read as tensors (a pickle with code, a TorchScript archive, a corrupt file) an InputError.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"{what}: {path} is a folder; give the weights file itself")
     if not path.is_file():
         raise WeightsNotFoundError(f"{what}: weights file not found: {path}")
     if path.suffix == ".safetensors":
@@ -95,12 +100,20 @@ def read_state_dict(path: Union[str, Path], what: str = "weights") -> dict[str, 
             raise InputError(f"{what}: cannot read weights file {path}: reading .safetensors files needs the "
                              f"safetensors package (pip install safetensors)") from None
     try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own warnings about the file would print above our one line
+            warnings.simplefilter("ignore")
+            if path.suffix == ".safetensors":
+                state = load_file(str(path), device="cpu")
+            else:
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()[0][:300] if str(exc) else ""  # no ANSI codes
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # no ANSI codes
+        refused = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+        if refused:  # torch's text advises weights_only=False: the opposite of what a user file should get
+            raise InputError(f"{what}: cannot read weights file {path}: it holds pickled Python objects, not only tensors "
+                             f"({clip_text(refused.group(1), 200)}); zmagic never unpickles code: save the "
+                             f"state dict (torch.save(model.state_dict(), ...)) or convert it to .safetensors") from None
+        first = text.splitlines()[0][:300] if text else ""
         raise InputError(f"{what}: cannot read weights file {path} as safetensors or as a plain torch state "
                          f"dict (torch.load weights_only=True): {type(exc).__name__}: {first}") from None
     for key in ("state_dict", "model"):
