@@ -111,8 +111,9 @@ def read_state_dict(path: Union[str, Path], what: str = "weights") -> dict[str, 
         refused = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
         if refused:  # torch's text advises weights_only=False: the opposite of what a user file should get
             raise InputError(f"{what}: cannot read weights file {path}: it holds pickled Python objects, not only tensors "
-                             f"({clip_text(refused.group(1), 200)}); zmagic never unpickles code: save the "
-                             f"state dict (torch.save(model.state_dict(), ...)) or convert it to .safetensors") from None
+                             f"({clip_text(refused.group(1), 200)}), which the safe load (torch.load weights_only=True) "
+                             f"refuses: save the state dict (torch.save(model.state_dict(), ...)) or convert it to "
+                             f".safetensors") from None
         first = text.splitlines()[0][:300] if text else ""
         raise InputError(f"{what}: cannot read weights file {path} as safetensors or as a plain torch state "
                          f"dict (torch.load weights_only=True): {type(exc).__name__}: {first}") from None
