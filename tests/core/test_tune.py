@@ -284,3 +284,13 @@ def test_bench_tuned_mode_tunes_each_method_and_reports_both_scales(monkeypatch)
     assert "attr+mask: +0.150 at equal scale, -0.050 at own scales" in text
     assert "dep 1>2` has the lower TV in 0 of 1 scenarios, at each method's own best scale in 1 of 1" in text
     assert "At equal scale it had no advantage" in text
+
+
+def test_a_tune_refuses_an_output_folder_of_other_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "recipe.json").write_text("{}")  # say, a `zmagic generate` run folder
+    assert main(["tune", str(tiny(tmp_path)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "output folder" in err and "holds other files (recipe.json)" in err and err.count("\n") == 1
+    assert [p.name for p in out.iterdir()] == ["recipe.json"]

@@ -59,6 +59,8 @@ from zmagic_core.files.atomic import write_bytes, write_json, write_text
 
 CANDIDATE = "candidate"          # the variant name inside a candidate's experiment
 RESULT = "candidate.json"         # a finished candidate's metrics (written after its samples)
+TUNE_ENTRIES = {"candidates", "held-out", "report.md", "best.yaml", "tuned-experiment.yaml", "candidates.md",
+                "candidates.csv", "objective.png", "tune.json"}  # what a tune writes in its folder
 CONSTRAINT = re.compile(r"^\s*([A-Za-z0-9_:.+\-]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
 PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$"
 
@@ -513,6 +515,10 @@ def run_tune(path, out, overrides=(), progress: bool = False, log=print) -> dict
     """Search, write the tune's outputs into ``out``, compare on the held-out rows; returns tune.json's dict."""
     tune = read_tune(path, overrides)
     out = Path(out)
+    strays = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in TUNE_ENTRIES) \
+        if out.is_dir() else []
+    if strays:  # a tune resumes in its own folder; it never writes among other files
+        raise ConfigError(f"output folder {out} holds other files ({', '.join(strays[:3])}); choose another --out")
     procs = _processes(tune.exp)
     say = log if (procs.main and log) else (lambda *a, **k: None)
     objective = tune.spec.objective
