@@ -1,6 +1,8 @@
 """The benchmarks run on a tiny setting and their figures come from real runs."""
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,6 +177,80 @@ def test_quality_replot_redraws_from_the_json(tmp_path):
     assert len(linked_figures(after, out)) == 3
     with pytest.raises(Exception, match="nothing to re-plot"):
         quality.main(["--replot", "--out", str(tmp_path / "empty")])
+
+
+# -- outputs written atomically; numeric options checked at parsing --------------------------------------
+_RECORD: dict = {"under": None, "writes": [], "hooked": False}
+
+
+def _audit(event, args):
+    """Records the files under _RECORD["under"] opened for writing (io.open, os.open, matplotlib's)."""
+    if event != "open" or not _RECORD["under"] or not isinstance(args[0], (str, os.PathLike)):
+        return
+    path, mode, flags = args
+    if ((flags or 0) & (os.O_WRONLY | os.O_RDWR) or any(c in (mode or "") for c in "wax+")) \
+            and str(path).startswith(_RECORD["under"]):
+        _RECORD["writes"].append(Path(path))
+
+
+@pytest.fixture
+def writes(tmp_path):
+    """The files under tmp_path opened for writing during the test."""
+    if not _RECORD["hooked"]:
+        sys.addaudithook(_audit)  # an audit hook cannot be removed: it records only while a test asks
+        _RECORD["hooked"] = True
+    _RECORD.update(under=str(tmp_path), writes=[])
+    yield _RECORD["writes"]
+    _RECORD["under"] = None
+
+
+def test_bench_writes_its_page_figures_and_json_atomically(tmp_path, writes, monkeypatch):
+    """Every file `zmagic bench` writes goes to a temporary name first (files/atomic.py), so a kill
+    mid-write leaves the old page, figure or JSON whole, never a truncated one."""
+    from zmagic_core.files.atomic import is_temporary
+
+    out = tmp_path / "report"
+    assert quality.main([*TINY, "--methods", "none", "sum", "oracle", "--out", str(out)]) == 0
+    assert quality.main(["--replot", "--out", str(out)]) == 0
+    monkeypatch.setattr(cost, "cvxpy_timings", lambda: [{"m": 6, "batch": 1, "median_ms_per_problem": 1.5}])
+    assert cost.main(["--cvxpy-only", "--out", str(out)]) == 0
+    assert [p for p in writes if not is_temporary(p)] == []
+    finals = {p.name[1:].rsplit(".", 2)[0] for p in writes}  # .<name>.<pid>-<hex>.zmagic-tmp
+    assert {"benchmarks.md", "quality.json", "cvxpy.json", "joint_satisfaction.png"} <= finals, finals
+    assert "<!-- cvxpy:begin -->" in (out / "benchmarks.md").read_text()
+
+
+@pytest.mark.parametrize("which,argv,expected", [
+    ("quality", ["--samples", "0"], "argument --samples: must be at least 1, got 0"),
+    ("quality", ["--samples", "-1"], "argument --samples: must be at least 1, got -1"),
+    ("quality", ["--seeds-sets", "0"], "argument --seeds-sets: must be at least 1, got 0"),
+    ("quality", ["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    ("quality", ["--sweep-samples", "0"], "argument --sweep-samples: must be at least 1, got 0"),
+    ("quality", ["--defaults-samples", "-3"], "argument --defaults-samples: must be at least 1, got -3"),
+    ("quality", ["--staging-samples", "0"], "argument --staging-samples: must be at least 1, got 0"),
+    ("quality", ["--tuned-samples", "0"], "argument --tuned-samples: must be at least 1, got 0"),
+    ("quality", ["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    ("quality", ["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    ("quality", ["--scale", "0"], "argument --scale: must be a finite number above 0, got 0"),
+    ("quality", ["--scale", "nan"], "argument --scale: must be a finite number above 0, got nan"),
+    ("quality", ["--staged-start", "-1"], "argument --staged-start: must be 0 or more, got -1"),
+    ("quality", ["--samples", "2", "--seeds-sets", "4"], "--samples (2) must be at least --seeds-sets (4)"),
+    ("cost", ["--n", "2", "0"], "argument --n: must be at least 1, got 0"),
+    ("cost", ["--batch", "0"], "argument --batch: must be at least 1, got 0"),
+    ("cost", ["--steps", "-2"], "argument --steps: must be at least 1, got -2"),
+    ("cost", ["--celebahq-size", "0"], "argument --celebahq-size: must be at least 1, got 0"),
+    ("cost", ["--celebahq-steps", "0"], "argument --celebahq-steps: must be at least 1, got 0"),
+    ("cost", ["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    ("cost", ["--steps", "x"], "argument --steps: expected an integer, got 'x'"),
+])
+def test_bench_refuses_a_count_out_of_range_in_one_line(tmp_path, capsys, which, argv, expected):
+    """`--samples 0` once became 256 and `--samples -1` one sample per seed set: refused instead."""
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exit_:
+        {"quality": quality, "cost": cost}[which].main([*argv, "--out", str(out)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"zmagic bench {which}: error: {expected}"
+    assert not out.exists()
 
 
 def test_quality_figures_match_a_direct_pipeline_run(world):

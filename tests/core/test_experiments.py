@@ -31,7 +31,7 @@ ROWS = [
     {"id": "red", "conditions.0.value": "red", "conditions.1.reference": "red circle center"},
     {"conditions.0.value": "blue", "conditions.1.reference": "blue square top-left"},
     {"id": "green", "conditions.0.attribute": "shape", "conditions.0.value": "triangle",
-     "conditions.1.reference": "green triangle bottom", "seeds": [5, 6, 7, 8]},
+     "conditions.1.reference": "green triangle bottom", "seeds": [5, 6, 7]},
 ]
 EXPERIMENT = {
     "name": "tiny",
@@ -74,6 +74,21 @@ def one_line_error(capsys) -> str:
     ({"colour": 1}, "colour: Extra inputs are not permitted"),
     ({"rows_": [{"conditions.0.value": "red", "not a path": 1}]}, "rows.jsonl line 1: 'not a path' is not a recipe path"),
     ({"rows_": [{"seeds": [1]}]}, "rows.jsonl line 1: seeds lists 1 seeds, the experiment needs 3"),
+    # a variant named like the folder's own files (or the oracle's key in metrics.json) would collide with them
+    ({"variants": [{"name": "sum"}, {"name": "oracle"}]}, "variants.1.name: 'oracle' is reserved"),
+    ({"variants": [{"name": "figures"}]}, "variants.0.name: 'figures' is reserved"),
+    ({"variants": [{"name": "Report.md"}]}, "variants.0.name: 'Report.md' is reserved"),
+    ({"variants": [{"name": "metrics.json"}]}, "variants.0.name: 'metrics.json' is reserved"),
+    ({"variants": [{"name": "experiment.json"}]}, "variants.0.name: 'experiment.json' is reserved"),
+    # what the experiment decides is refused in a row or a variant, never silently overwritten
+    ({"rows_": [{"seeds": [1, 2, 3, 4]}]}, "rows.jsonl line 1: seeds lists 4 seeds, the experiment needs 3"),
+    ({"rows_": [{"id": "a", "seed": 5}]}, "rows.jsonl line 1: 'seed' cannot be set by a row: sample seeds come "
+                                          "from the experiment's seed (or a row's own `seeds` list)"),
+    ({"rows_": [{"num_samples": 2}]}, "rows.jsonl line 1: 'num_samples' cannot be set by a row: the number of "
+                                      "samples per row is the experiment's samples_per_row"),
+    ({"rows_": [{"seeds.0": 2}]}, "rows.jsonl line 1: 'seeds.0' cannot be set by a row"),
+    ({"variants": [{"name": "a", "set": {"seed": 1}}]}, "variants.0.set: 'seed' cannot be set by a variant"),
+    ({"variants": [{"name": "a", "set": {"output": "x"}}]}, "variants.0.set: 'output' cannot be set by a variant"),
 ])
 def test_a_bad_experiment_file_fails_in_one_line_naming_the_field(tmp_path, capsys, change, expected):
     path = write_experiment(tmp_path, **change)
@@ -105,6 +120,31 @@ def test_csv_and_jsonl_manifests_give_the_same_rows_and_resolve_paths_against_th
     assert recipe.combiner.kind == "dependent" and recipe.seeds == [1, 2, 3]
 
 
+@pytest.mark.parametrize("lines,expected", [
+    ("a,red\n", "rows.csv line 2: 2 cell(s), the header has 3 columns"),
+    ("a,red,0.3\nb,blue\n", "rows.csv line 3: 2 cell(s), the header has 3 columns"),
+    ("a,red,0.3,x\n", "rows.csv line 2: 4 cell(s), the header has 3 columns"),
+    ("a,red,0.3\n\nb\n", "rows.csv line 4: 1 cell(s), the header has 3 columns"),  # blank lines counted
+])
+def test_a_csv_row_with_the_wrong_number_of_cells_is_refused_naming_file_and_line(tmp_path, capsys, lines, expected):
+    (tmp_path / "rows.csv").write_text("id,conditions.0.value,conditions.0.scale\n" + lines)
+    path = spec_file(tmp_path, {**EXPERIMENT, "manifest": "rows.csv"})
+    assert main(["experiment", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert expected in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_csv_empty_cells_keep_the_base_value_and_blank_lines_are_skipped(tmp_path, capsys):
+    (tmp_path / "rows.csv").write_text("id,conditions.0.value,conditions.0.scale\na,,0.3\n   \nb,'',\n")
+    exp = read_experiment(spec_file(tmp_path, {**EXPERIMENT, "manifest": "rows.csv"}))
+    a, b = exp.rows
+    assert a.values == {"conditions.0.scale": 0.3} and b.values == {"conditions.0.value": ""}
+    assert exp.recipe("sum", a).conditions[0].options["value"] == "red"  # the base recipe's
+    (tmp_path / "rows.csv").write_text("id,conditions.0.value,id\na,red,b\n")
+    assert main(["experiment", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "out")]) == 2
+    assert "rows.csv line 1: column(s) 'id' given twice" in one_line_error(capsys)
+
+
 def spec_file(folder: Path, spec: dict) -> Path:
     path = folder / "exp.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -113,7 +153,7 @@ def spec_file(folder: Path, spec: dict) -> Path:
 
 def test_sample_seeds_depend_only_on_experiment_seed_row_and_index(tmp_path):
     exp = read_experiment(write_experiment(tmp_path))
-    small = read_experiment(write_experiment(tmp_path / "b", samples_per_row=2, batch_size=1))
+    small = read_experiment(write_experiment(tmp_path / "b", samples_per_row=2, batch_size=1, rows_=ROWS[:2]))
     row = exp.rows[1]
     assert exp.seeds(row) == [sample_seed(3, "row-0001", i) for i in range(3)]
     assert small.seeds(small.rows[1]) == exp.seeds(row)[:2]          # more samples extend, never reshuffle

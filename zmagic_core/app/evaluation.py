@@ -20,6 +20,10 @@ mean over rows, with a percentile bootstrap interval over rows.  Set statistics 
 reference folder, ``app/evaluation_fid.py``) are computed once per variant over all its images.
 In the shapes world the exact conditional sampler (the oracle: the world reweighted by
 prod_i p(c_i | k), no guidance, the rows' seeds) is evaluated the same way as a reference row.
+
+An unfinished experiment (killed, or samples that failed) is evaluated over what each variant has;
+the notes say what each lacks, and no variant is marked best on a metric the variants were measured
+on over different (row, samples).
 """
 from __future__ import annotations
 
@@ -229,7 +233,8 @@ def evaluate_experiment(out: Path, exp=None, builder=None, registry=None, recomp
     metrics: dict[str, Metric] = {}
     per_row: dict[str, dict[str, dict[str, float]]] = {}   # variant -> metric -> row -> value
     notes: list[str] = []
-    curves, images, complete = {}, {}, {}
+    curves, images = {}, {}
+    measured: dict[str, dict[str, tuple]] = {}   # variant -> row -> sample indices completed
     plans = {}
 
     def plan_of(variant, row):
@@ -238,7 +243,7 @@ def evaluate_experiment(out: Path, exp=None, builder=None, registry=None, recomp
         return plans[(variant, row.index)]
 
     for variant in exp.variants:
-        traces, pngs, done = [], [], 0
+        traces, pngs = [], []
         for row in exp.rows:
             folder = exp.folder(out, variant, row)
             record = _read_json(folder / RECORD)
@@ -248,14 +253,15 @@ def evaluate_experiment(out: Path, exp=None, builder=None, registry=None, recomp
                     continue
                 record = aggregate_folder(exp, out, variant, row, plan_of(variant, row), builder, {}, 0.0, 0)
             result = row_result(folder, record)
-            done += len(record.get("completed") or [])
+            if record.get("completed"):
+                measured.setdefault(variant, {})[row.key] = tuple(sorted(int(i) for i in record["completed"]))
             for key, value in result.values.items():
                 metrics.setdefault(key, result.metrics[key])
                 per_row.setdefault(variant, {}).setdefault(key, {})[row.key] = value
             notes += [f"{variant}/{row.key}: {n}" for n in result.notes]
             traces += result.traces
             pngs += result.images
-        curves[variant], images[variant], complete[variant] = energy_curves(traces), pngs, done
+        curves[variant], images[variant] = energy_curves(traces), pngs
 
     first = next(iter(exp.variants))
     if spec.oracle and (exp.base.get("model") or {}).get("kind", "shapes") == "shapes":
@@ -292,14 +298,25 @@ def evaluate_experiment(out: Path, exp=None, builder=None, registry=None, recomp
             if key == "fid":
                 value = next(iter(rows.values()))
                 summary.setdefault(variant, {})[key] = {"value": value, "low": None, "high": None,
-                                                        "rows": len(exp.rows), "note": "set statistic: no interval"}
+                                                        "rows": len(measured.get(variant, {})),
+                                                        "note": "set statistic: no interval"}
                 continue
             values = [rows.get(r.key, float("nan")) for r in exp.rows]
             summary.setdefault(variant, {})[key] = bootstrap(values, spec.bootstrap, spec.confidence, spec.seed)
-    best = best_variants(summary, metrics, list(exp.variants))
+    coverage = {v: variant_coverage(exp, measured.get(v, {})) for v in exp.variants}
+    for v, c in coverage.items():  # an unfinished run (killed, or failed samples): say what each variant lacks
+        if c["missing_samples"]:
+            rows = c["missing_rows"]
+            shown = f" ({', '.join(rows[:5])}{' ...' if len(rows) > 5 else ''})" if rows else ""
+            notes.append(f"{v}: incomplete: lacks {len(rows)} of {len(exp.rows)} rows{shown} and "
+                         f"{c['missing_samples']} of {c['samples'] + c['missing_samples']} samples; "
+                         "its numbers are over the rows and samples it has")
+    unmatched = unmatched_metrics(per_row, measured, list(exp.variants))
+    best = best_variants(summary, {k: m for k, m in metrics.items() if k not in unmatched}, list(exp.variants))
     result = {
         "experiment": exp.name,
-        "variants": {v: {"label": exp.variants[v].label or v, "samples": complete.get(v, 0)} for v in exp.variants},
+        "variants": {v: {"label": exp.variants[v].label or v, **coverage[v]} for v in exp.variants},
+        "unmatched": unmatched,
         "reference": {ORACLE: "exact conditional sampler (shapes world), the rows' seeds"} if ORACLE in per_row else {},
         "rows": len(exp.rows),
         "samples_per_row": exp.spec.samples_per_row,
@@ -318,6 +335,34 @@ def evaluate_experiment(out: Path, exp=None, builder=None, registry=None, recomp
     write_report(out, result)
     log(f"wrote {out / METRICS}, {out / REPORT} and {out / FIGURES}/")
     return result
+
+
+def variant_coverage(exp, measured: dict[str, tuple]) -> dict:
+    """How much of the experiment a variant has: samples and rows done, rows and samples lacking."""
+    samples = sum(len(v) for v in measured.values())
+    expected = sum(len(exp.seeds(r)) for r in exp.rows)
+    return {"samples": samples, "rows": len(measured),
+            "missing_rows": [r.key for r in exp.rows if r.key not in measured], "missing_samples": expected - samples}
+
+
+def unmatched_metrics(per_row: dict, measured: dict, variants: list[str]) -> list[str]:
+    """Metrics on which the variants that have a value were measured over different (row, samples):
+    their values are not comparable, so no variant is marked best on them."""
+    out = []
+    for key in dict.fromkeys(k for v in variants for k in per_row.get(v, {})):
+        seen = set()
+        for v in variants:
+            rows = per_row.get(v, {}).get(key)
+            if not rows:
+                continue
+            if key == "fid":  # a set statistic: over every sample the variant has
+                keys = measured.get(v, {}).keys()
+            else:
+                keys = [r for r, x in rows.items() if math.isfinite(x)]
+            seen.add(frozenset((r, measured.get(v, {}).get(r, ())) for r in keys))
+        if len(seen) > 1:
+            out.append(key)
+    return out
 
 
 def best_variants(summary: dict, metrics: dict[str, Metric], variants: list[str]) -> dict[str, list[str]]:

@@ -12,10 +12,11 @@ An experiment file (YAML or JSON, checked by :class:`ExperimentSpec` like a reci
 
 A row fills per-condition values through ``--set``-style paths (``{"conditions.0.value": "red",
 "conditions.1.reference": "refs/x.png"}``); it may carry an ``id`` (its folder name) and its own
-``seeds``.  The recipe of (variant, row) is the base recipe, then the row's values, then the
-variant's (``apply_override`` for every path).  Sample ``i`` of a row gets the seed
-:func:`sample_seed` (experiment seed, row key, i) unless the row lists seeds: never a function of
-the batch, the process or the order of work.
+``seeds`` (exactly samples_per_row).  ``seed``, ``num_samples``, ``output`` and ``progress`` are the
+experiment's: a row or variant setting one is refused.  The recipe of (variant, row) is the base
+recipe, then the row's values, then the variant's (``apply_override`` for every path).  Sample ``i``
+of a row gets the seed :func:`sample_seed` (experiment seed, row key, i) unless the row lists seeds:
+never a function of the batch, the process or the order of work.
 
 Layout of ``--out DIR``: ``experiment.json`` (the experiment's identity: base recipe, rows,
 variants, seed; a changed experiment is refused, naming what differs), and one normal run folder
@@ -46,6 +47,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from zmagic_core.app.evaluation import FIGURES, METRICS, ORACLE, REPORT
 from zmagic_core.app.identity import folder_identity, identity_differences, identity_hash, referenced_files
 from zmagic_core.app.runner import (RECORD, _aggregate, _check_marker, _Folder, _final_energies, _make_folder,
                                     _read_json, _trusted, lock_folder, problem_messages)
@@ -61,6 +63,14 @@ FORMAT = 1
 MARKER = "experiment.json"
 EXPERIMENT_LOCK = ".zmagic-experiment.lock"
 ROW_RESERVED = ("id", "seeds")
+# what the experiment folder holds beside the variants' folders (and the oracle's key in metrics.json)
+RESERVED_NAMES = (MARKER, METRICS, REPORT, FIGURES, ORACLE)
+# recipe fields the experiment decides for every (variant, row): a row or variant setting one would be overwritten
+EXPERIMENT_OWNED = {"seed": "sample seeds come from the experiment's seed (or a row's own `seeds` list)",
+                    "num_samples": "the number of samples per row is the experiment's samples_per_row",
+                    "seeds": "sample seeds come from the experiment's seed (or a row's own `seeds` list)",
+                    "output": "the output folder is `zmagic experiment --out`",
+                    "progress": "progress is `zmagic experiment --progress`"}
 # a string value ending like this names a file (row values resolve against the manifest's folder)
 FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".npy", ".npz", ".json",
                  ".txt", ".pt", ".pth", ".tar", ".safetensors", ".bin", ".ckpt", ".onnx", ".dat")
@@ -68,6 +78,11 @@ NAME = r"^[A-Za-z0-9][A-Za-z0-9._+-]*$"
 
 
 # -- the file ---------------------------------------------------------------------------------
+def owned_path(path: str) -> Optional[str]:
+    """Why a row or variant may not set ``path`` (a field the experiment decides), else None."""
+    return EXPERIMENT_OWNED.get(path.split(".")[0])
+
+
 class VariantSpec(BaseModel):
     """One method setting: recipe fields overridden by ``--set``-style paths."""
 
@@ -75,6 +90,23 @@ class VariantSpec(BaseModel):
     name: str = Field(..., pattern=NAME, description="folder name and label of the variant")
     set: dict[str, Any] = Field(default_factory=dict, description="path -> value, e.g. combiner.kind: cagrad")
     label: Optional[str] = Field(None, description="label in the report (default: the name)")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value):
+        # case-insensitive: on a case-insensitive file system Figures/ is figures/
+        if value.lower() in (n.lower() for n in RESERVED_NAMES):
+            raise ValueError(f"{value!r} is reserved (the experiment folder's own {', '.join(RESERVED_NAMES)}); "
+                             "choose another name")
+        return value
+
+    @field_validator("set")
+    @classmethod
+    def _not_owned(cls, value):
+        for path in value:
+            if owned_path(path):
+                raise ValueError(f"{path!r} cannot be set by a variant: {owned_path(path)}")
+        return value
 
 
 class FidSpec(BaseModel):
@@ -213,10 +245,21 @@ def read_rows(path: Path) -> list[tuple[dict, str]]:
         reader = csv.DictReader(text.splitlines())
         if not reader.fieldnames:
             raise ConfigError(f"manifest {path}: no header line (the column names are recipe paths)")
-        for n, record in enumerate(reader, start=2):
-            if None in record:
-                raise ConfigError(f"manifest {path} line {n}: more cells than columns")
-            row = {k.strip(): _parse_cell(v) for k, v in record.items() if v is not None and v.strip() != ""}
+        columns = len(reader.fieldnames)
+        names = [c.strip() for c in reader.fieldnames]
+        doubled = sorted({c for c in names if names.count(c) > 1})
+        if doubled:  # csv keeps only the last of two equal columns
+            raise ConfigError(f"manifest {path} line 1: column(s) {', '.join(map(repr, doubled))} given twice")
+        for record in reader:
+            n = reader.line_num  # the record's (last) line in the file, blank lines counted
+            values = list(record.values())
+            if None not in record and not (values[0] or "").strip() and values[1:] == [None] * (columns - 1):
+                continue  # a line of spaces: blank, as csv skips empty lines
+            if None in record or None in values:  # a short row would fall back to base values unseen
+                cells = columns - values.count(None) + len(record.get(None) or [])
+                raise ConfigError(f"manifest {path} line {n}: {cells} cell(s), the header has {columns} columns")
+            # an empty cell leaves the path at the base recipe's value (docs/experiments.md)
+            row = {k.strip(): _parse_cell(v) for k, v in record.items() if v.strip() != ""}
             if isinstance(row.get("seeds"), str):
                 row["seeds"] = [s for s in re.split(r"[\s;,]+", row["seeds"]) if s]
             rows.append((row, f"{path.name} line {n}"))
@@ -248,12 +291,13 @@ def _check_row(raw: dict, index: int, where: str, base: Path, samples: int) -> R
                 seeds = [int(s) for s in (v if isinstance(v, list) else [v])]
             except (TypeError, ValueError):
                 raise ConfigError(f"{where}: seeds must be a list of integers, got {v!r}") from None
-            if len(seeds) < samples or any(s < 0 for s in seeds):
+            if len(seeds) != samples or any(s < 0 for s in seeds):  # extra seeds would be dropped unseen
                 raise ConfigError(f"{where}: seeds lists {len(seeds)} seeds, the experiment needs {samples} "
-                                  "non-negative ones (samples_per_row)")
-            seeds = seeds[:samples]
+                                  "non-negative ones (samples_per_row: exactly one per sample)")
         elif not isinstance(k, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", k):
             raise ConfigError(f"{where}: {k!r} is not a recipe path such as conditions.0.value")
+        elif owned_path(k):
+            raise ConfigError(f"{where}: {k!r} cannot be set by a row: {owned_path(k)}")
         else:
             values[k] = resolve_file_value(v, base)
     return Row(index, key, values, seeds, where)

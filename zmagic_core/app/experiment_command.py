@@ -18,6 +18,17 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
+def _non_negative(text: str) -> int:
+    """argparse type: an integer >= 0 (as the experiment file's evaluation.bootstrap)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no intervals) or more, got {value}")
+    return value
+
+
 def cmd_experiment(args) -> int:
     from zmagic_core.app.experiment import folder_records, read_experiment, run_experiment
 
@@ -75,7 +86,7 @@ def add_experiment_parsers(sub) -> None:
     p.add_argument("dir", help="the folder `zmagic experiment` wrote")
     p.add_argument("--recompute", action="store_true",
                    help="run the per-run evaluators again (e.g. after installing an evaluator's weights)")
-    p.add_argument("--bootstrap", type=int, help="bootstrap resamples (default: the experiment file's)")
+    p.add_argument("--bootstrap", type=_non_negative, help="bootstrap resamples (default: the experiment file's)")
     p.set_defaults(func=cmd_eval)
 
     from zmagic_core.app.manifest import add_manifest_arguments

@@ -50,7 +50,7 @@ def table_rows(result: dict) -> list[list[str]]:
                             for k in keys]
     rows = [header]
     for variant, info in result["variants"].items():
-        cells = [info.get("label") or variant]
+        cells = [(info.get("label") or variant) + _incomplete(info, result["rows"])]
         for k in keys:
             cell = _cell(result["summary"].get(variant, {}).get(k))
             if variant in result["best"].get(k, []):
@@ -62,6 +62,14 @@ def table_rows(result: dict) -> list[list[str]]:
     return rows
 
 
+def _incomplete(info: dict, rows: int) -> str:
+    """' (incomplete: 11/12 rows, 22/24 samples)' for a variant that lacks rows or samples, else ''."""
+    missing = info.get("missing_samples") or 0
+    if not missing:
+        return ""
+    return f" (incomplete: {info['rows']}/{rows} rows, {info['samples']}/{info['samples'] + missing} samples)"
+
+
 def _esc(text: str) -> str:
     return str(text).replace("|", "\\|")
 
@@ -70,6 +78,19 @@ def markdown_table(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(_esc(c) for c in rows[0]) + " |", "|" + "|".join(["---"] * len(rows[0])) + "|"]
     lines += ["| " + " | ".join(_esc(c) for c in r) + " |" for r in rows[1:]]
     return "\n".join(lines)
+
+
+def _unmatched_text(result: dict) -> str:
+    """The header's sentence on variants that lack rows or samples (an unfinished run), else ''."""
+    incomplete = [v for v, info in result["variants"].items() if info.get("missing_samples")]
+    keys = ordered_metrics(result)
+    unmatched = [k for k in keys if k in result.get("unmatched", [])]
+    text = (f" Not every variant has every row and sample ({', '.join(incomplete)}: see Notes); each number is "
+            "over the rows and samples its variant has." if incomplete else "")
+    if unmatched:
+        which = "any metric" if unmatched == keys else ", ".join(result["metrics"][k]["label"] for k in unmatched)
+        text += f" No best is marked on {which}: the variants were measured over different rows or samples."
+    return text
 
 
 def write_report(out: Path, result: dict) -> list[str]:
@@ -83,7 +104,7 @@ def write_report(out: Path, result: dict) -> list[str]:
              f"{boot['confidence']:.0%} percentile bootstrap interval over rows ({boot['resamples']} resamples) "
              "in brackets. Best variant per metric in **bold** with \\*."
              + (" The reference row is not a variant: it is what the metrics give for exact samples."
-                if result.get("reference") else ""), "",
+                if result.get("reference") else "") + _unmatched_text(result), "",
              markdown_table(table_rows(result)), "", "## Which evaluator produced each number", "",
              "| metric | evaluator | better | independent of the guide |", "|---|---|---|---|"]
     for k in ordered_metrics(result):

@@ -42,8 +42,9 @@ import time
 from typing import Optional
 
 from zmagic_core.app.bench.report import (add_out_argument, code, command, layout, machine, now, parse_combiners,
-                                          version, write_section)
+                                          positive_int, version, write_section)
 from zmagic_core.contracts.errors import InputError
+from zmagic_core.files.atomic import write_text
 
 COMBINERS = ("sum", "dependent", "dependent-noH", "dependent-autograd", "dependent-paper", "cagrad", "cagrad-paper")
 CASE_HELP = {
@@ -539,15 +540,15 @@ ARGS = ("models", "n", "batch", "steps", "celebahq_size", "celebahq_steps", "thr
 def parse(argv):
     p = argparse.ArgumentParser(prog="zmagic bench cost", description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
-    p.add_argument("--n", nargs="*", type=int, default=[2, 3, 4], help="numbers of conditions")
+    p.add_argument("--n", nargs="*", type=positive_int, default=[2, 3, 4], help="numbers of conditions")
     p.add_argument("--combiners", default=None, metavar="NAME[:K=V...],...",
                    help="registry combiners instead of the four built-in cases, comma separated, e.g. "
                         "sum,cagrad:c=0.8,my-combiner (sum always runs: the ratios are to sum)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up step (small models)")
-    p.add_argument("--celebahq-size", type=int, default=64)
-    p.add_argument("--celebahq-steps", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps after the warm-up step (small models)")
+    p.add_argument("--celebahq-size", type=positive_int, default=64)
+    p.add_argument("--celebahq-steps", type=positive_int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--solver", choices=SOLVERS, default="ddpm",
                    help="ddpm (100 steps, the default) or ddim (eta = 0, 50 steps: the bound's trust region is "
                         "empty there, so the Hessian term's passes are skipped)")
@@ -559,9 +560,9 @@ def parse(argv):
     # internal: one case in this process
     p.add_argument("--child-model", help=argparse.SUPPRESS)
     p.add_argument("--child-combiner", help=argparse.SUPPRESS)
-    p.add_argument("--child-n", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--child-size", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--child-steps", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--child-n", type=positive_int, help=argparse.SUPPRESS)
+    p.add_argument("--child-size", type=positive_int, help=argparse.SUPPRESS)
+    p.add_argument("--child-steps", type=positive_int, help=argparse.SUPPRESS)
     p.add_argument("--units", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -615,7 +616,7 @@ def main(argv: list[str]) -> int:
     print(json.dumps(solver_rows), flush=True)
     if page is not None:
         meta = {"argv": list(argv), "date": now(), "machine": machine(), "version": version()}
-        (data / "cvxpy.json").write_text(json.dumps({"rows": solver_rows, "meta": meta}, indent=1))
+        write_text(data / "cvxpy.json", json.dumps({"rows": solver_rows, "meta": meta}, indent=1))
         write_section(page, "cvxpy", cvxpy_section(meta, solver_rows))
     if args.cvxpy_only:
         return 0
@@ -638,7 +639,7 @@ def main(argv: list[str]) -> int:
             print(f"[{time.time() - started:6.1f} s] {json.dumps(r)}", flush=True)
     if page is not None:
         meta["wall"] = time.time() - started
-        (data / "cost.json").write_text(json.dumps({"rows": rows, "units": units, "meta": meta}, indent=1))
+        write_text(data / "cost.json", json.dumps({"rows": rows, "units": units, "meta": meta}, indent=1))
         write_section(page, "cost", page_section(args, meta, rows, units))
         print(f"wrote {page} and {data / 'cost.json'}")
     return 0 if all("error" not in r for r in rows) else 1

@@ -46,7 +46,9 @@ import numpy as np
 import torch
 
 from zmagic_core.app.bench.report import (DATA_NAME, CombinerSpec, add_out_argument, code, command, layout, machine,
-                                          now, parse_combiners, version, write_section)
+                                          non_negative_int, now, parse_combiners, positive_float, positive_int,
+                                          save_figure, version, write_section)
+from zmagic_core.files.atomic import write_text
 from zmagic_core.contracts.errors import ConfigError, InputError
 from zmagic_core.method.combiners import CAGradCombiner, DependentCombiner, SumCombiner, cosine
 from zmagic_core.contracts.components import Combiner
@@ -663,7 +665,7 @@ def figure_energies(results: dict, out: Path) -> list[str]:
         fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(len(labels), 6))
         fig.tight_layout(rect=(0, 0.12, 1, 1))
         fname = f"energies_{slug(sc_name)}.png"
-        fig.savefig(out / fname, dpi=110)
+        save_figure(fig, out / fname, dpi=110)
         plt.close(fig)
         files.append(fname)
     return files
@@ -691,7 +693,7 @@ def figure_condition_cosine(results: dict, out: Path) -> Optional[str]:
     axes[0, 0].set_ylabel("cosine between the conditions' gradients")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "cosine_conditions.png", dpi=110)
+    save_figure(fig, out / "cosine_conditions.png", dpi=110)
     plt.close(fig)
     return "cosine_conditions.png"
 
@@ -721,7 +723,7 @@ def figure_cosine_exact(results: dict, out: Path) -> str:
         ax.axis("off")
     flat[-1].legend(list(seen.values()), list(seen), fontsize=8, loc="center")
     fig.tight_layout()
-    fig.savefig(out / "cosine_exact.png", dpi=100)
+    save_figure(fig, out / "cosine_exact.png", dpi=100)
     plt.close(fig)
     return "cosine_exact.png"
 
@@ -745,7 +747,7 @@ def figure_joint(results: dict, out: Path) -> str:
         ax.set_title(sc_name, fontsize=9)
     axes[0, 0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "joint_satisfaction.png", dpi=100)
+    save_figure(fig, out / "joint_satisfaction.png", dpi=100)
     plt.close(fig)
     return "joint_satisfaction.png"
 
@@ -1013,46 +1015,49 @@ def page_section(args, meta: dict, scale, sweep_rows, results, scenarios, figure
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="zmagic bench quality", description=__doc__.split("\n")[0])
-    p.add_argument("--samples", type=int, default=None, help="samples per method and scenario (default 256; --quick 32)")
-    p.add_argument("--seeds-sets", type=int, default=None, help="disjoint seed sets the samples are split into (default 4; --quick 2)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 100; --quick 50)")
+    p.add_argument("--samples", type=positive_int, default=None, help="samples per method and scenario (default 256; --quick 32)")
+    p.add_argument("--seeds-sets", type=positive_int, default=None, help="disjoint seed sets the samples are split into (default 4; --quick 2)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default 100; --quick 50)")
     p.add_argument("--quick", action="store_true",
                    help="a few minutes on 2 CPU cores: 32 samples in 2 seed sets, 50 steps, 16 samples per sweep run")
-    p.add_argument("--scale", type=float, default=None, help="adaptive scale for every condition (skips the sweep)")
-    p.add_argument("--sweep-samples", type=int, default=None, help="samples per sweep run (default 32; --quick 16)")
+    p.add_argument("--scale", type=positive_float, default=None, help="adaptive scale for every condition (skips the sweep)")
+    p.add_argument("--sweep-samples", type=positive_int, default=None, help="samples per sweep run (default 32; --quick 16)")
     p.add_argument("--defaults-sweep", action="store_true",
                    help="run the sweep of the bound on the Hessian term and of CAGrad's rescaling even with --scale "
                         "(without --scale it always runs)")
-    p.add_argument("--defaults-samples", type=int, default=None,
+    p.add_argument("--defaults-samples", type=positive_int, default=None,
                    help="samples per run of that sweep (default 48; --quick 16)")
-    p.add_argument("--staged-start", type=int, default=None, metavar="T",
+    p.add_argument("--staged-start", type=non_negative_int, default=None, metavar="T",
                    help="the appearance conditions of the `staged` rows guide for t <= T (default: chosen by a sweep "
                         "on held-out scenarios)")
-    p.add_argument("--staging-samples", type=int, default=64, help="samples per run of the staging sweep (default 64)")
+    p.add_argument("--staging-samples", type=positive_int, default=64, help="samples per run of the staging sweep (default 64)")
     p.add_argument("--scenarios", nargs="*", default=None, help="names of the scenarios to run (default all)")
     p.add_argument("--methods", nargs="*", default=None, help="restrict the methods (default: each scenario's list)")
     p.add_argument("--combiners", default=None, metavar="NAME[:K=V...],...",
                    help="registry combiners to run instead of the built-in method lists, comma separated, "
                         "e.g. sum,cagrad:c=0.8,my-combiner (each scenario also runs none and oracle)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     add_out_argument(p)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds comparable)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (1: CPU seconds comparable)")
     p.add_argument("--model", choices=("shapes", "shapes-flow"), default="shapes",
                    help="the shapes world as a VP diffusion (default) or as a flow-matching model (exact velocity)")
     p.add_argument("--tuned", action="store_true",
                    help="also tune each combiner's own scale on the tuning scenarios (every point of the log grid, TV "
                         "distance, on-manifold >= 0.95) and run the reported scenarios at it: equal and own scale side by side")
-    p.add_argument("--tuned-samples", type=int, default=None,
+    p.add_argument("--tuned-samples", type=positive_int, default=None,
                    help="samples per tuning run of --tuned (default 64; --quick 32): the objective is noisy below that")
     p.add_argument("--replot", action="store_true",
                    help="no sampling: redraw the figures and the page section from OUT/benchmarks/quality.json")
     args = p.parse_args(argv)
+    # None: not given (the types refuse 0 and below, so `or` replaces nothing that was given)
     args.samples = args.samples or (32 if args.quick else 256)
     args.seeds_sets = args.seeds_sets or (2 if args.quick else 4)
     args.steps = args.steps or (50 if args.quick else 100)
     args.sweep_samples = args.sweep_samples or (16 if args.quick else 32)
     args.defaults_samples = args.defaults_samples or (16 if args.quick else 48)
     args.tuned_samples = args.tuned_samples or (32 if args.quick else 64)
+    if args.samples < args.seeds_sets:  # each seed set needs a sample: seed_sets() would draw more than asked
+        p.error(f"--samples ({args.samples}) must be at least --seeds-sets ({args.seeds_sets})")
     return args
 
 
@@ -1178,8 +1183,8 @@ def main(argv: list[str]) -> int:
                 f"{sum(r['cpu_seconds'] for r in runs):.1f} s cpu")
         meta["wall"] = time.time() - started
         tuned_file = {"tuned": tuned} if args.tuned else {}
-        (data / "quality.json").write_text(json.dumps({"scale": scale, "sweep": sweep_rows, "results": results,
-                                                       **tuned_file, "meta": meta}))
+        write_text(data / "quality.json", json.dumps({"scale": scale, "sweep": sweep_rows, "results": results,
+                                                      **tuned_file, "meta": meta}))
     results = {name: methods for name, methods in results.items() if methods}
     scenarios = [sc for sc in scenarios if sc["name"] in results]
     if not results:
@@ -1190,7 +1195,7 @@ def main(argv: list[str]) -> int:
     if saved.exists():  # the page and the results file carry the same wall time (--replot redraws the page from it)
         final = json.loads(saved.read_text())
         final["meta"]["wall"] = meta["wall"]
-        saved.write_text(json.dumps(final))
+        write_text(saved, json.dumps(final))
     text = page_section(args, meta, scale, sweep_rows, results, scenarios, figures)
     text += "\n".join([""] + tuned_section(tuned if args.tuned else None, results, scale))
     write_section(page, "quality", text)

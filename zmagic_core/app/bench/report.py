@@ -13,7 +13,10 @@ The project's own page is ``docs/benchmarks.md``: the benchmarks run with ``--ou
 """
 from __future__ import annotations
 
+import argparse
 import datetime
+import io
+import math
 import os
 import platform
 import re
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from zmagic_core.contracts.errors import ConfigError
+from zmagic_core.files.atomic import write_bytes, write_text
 
 DEFAULT_OUT = "zmagic-bench"
 PAGE_NAME = "benchmarks.md"
@@ -97,7 +101,43 @@ def write_section(page: Path, name: str, text: str) -> None:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
     new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
     page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text(new)
+    write_text(page, new)  # atomic: a kill mid-write leaves the old page, never a truncated one
+
+
+def save_figure(fig, path: Path, **options) -> None:
+    """``fig.savefig(path, **options)``, written atomically (the format from the file's suffix)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **options)
+    write_bytes(path, buf.getvalue())
+
+
+# -- argparse types: a count or a scale out of range is refused at parsing, never replaced by a default --
+def positive_int(text: str) -> int:
+    value = _parsed(text, int, "an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _parsed(text, int, "an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _parsed(text, float, "a number")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def _parsed(text: str, kind, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
 # -- combiners named on the command line -----------------------------------------------------------
