@@ -310,3 +310,88 @@ def test_generate_checks_files_before_loading_and_a_failed_build_leaves_no_folde
     assert main(["generate", str(recipe), "--out", str(tmp_path / "b")]) == 2
     assert "no face found in reference image blank.png" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+# -- a plugin author's mistakes are named where they are made --------------------------------------
+class FirstRowOnly(Combiner):
+    """A combiner that drops the batch dimension (a plugin bug): its guidance has the wrong shape."""
+
+    def combine(self, step):
+        return Combined(torch.stack([g.detach() for g in step.base().grads]).sum(0)[0])
+
+
+class Wide(zmagic_core.Energy):
+    def forward(self, images):
+        return images.flatten(2).mean(2)  # (B, 3): one value per channel, not per image
+
+
+class Detached(zmagic_core.Energy):
+    def forward(self, images):
+        return images.detach().mean(dim=(1, 2, 3))
+
+
+def test_a_combiner_or_energy_breaking_its_contract_stops_the_run_naming_it():
+    world = ShapesModel(16)
+    red = Condition("red", AttributeEnergy(world, "color", "red"), scale=0.25)
+    mask = Condition("mask", MaskEnergy(world, "red circle center"), scale=0.25)
+    with pytest.raises(ConfigError, match=r"combiner FirstRowOnly: its guidance has shape \(3, 16, 16\); it must "
+                                          r"have the shape of x_t, \(2, 3, 16, 16\)"):
+        Pipeline(world, DDPMSolver(), FirstRowOnly(), [red, mask], steps=3).run([0, 1], progress=False)
+    with pytest.raises(ConfigError, match=r"condition 'wide': its energy returned a tensor of shape \(2, 3\)"):
+        Pipeline(world, DDPMSolver(), SumCombiner(), [red, Condition("wide", Wide(), scale=0.25)],
+                 steps=3).run([0, 1], progress=False)
+    with pytest.raises(ConfigError, match="condition 'flat': its energy is not differentiable"):
+        Pipeline(world, DDPMSolver(), SumCombiner(), [Condition("flat", Detached(), scale=0.25)],
+                 steps=3).run([0, 1], progress=False)
+
+
+class FailsInABatch(Combiner):
+    """Sum, except that a batch of more than one sample raises: every sample then runs alone."""
+
+    def combine(self, step):
+        if step.x.shape[0] > 1:
+            raise RuntimeError("CUDA out of memory (a stand-in)")
+        return Combined(torch.stack([g.detach() for g in step.base().grads]).sum(0))
+
+
+class BadFactories:
+    @hookimpl
+    def register_combiners(self, register):
+        register("fails-in-a-batch", lambda context, **o: FailsInABatch())
+        register("not-a-combiner", lambda context, **o: object())
+
+
+def test_a_batch_rerun_sample_by_sample_is_said_and_a_factory_of_the_wrong_thing_is_one_line(tmp_path, monkeypatch,
+                                                                                           capsys):
+    import zmagic_core.plugins.registry as registry_module
+    from zmagic_core.app.cli import main
+
+    reg = Registry(load_entry_points=False)
+    reg.register_plugin(BadFactories(), "bad")
+    monkeypatch.setattr(registry_module, "_default", reg)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {kind: shapes, size: 16}\nsolver: {kind: ddpm, steps: 3}\n"
+                      "combiner: {kind: fails-in-a-batch}\nconditions: [{kind: shapes-attribute, attribute: color, "
+                      "value: red}]\nnum_samples: 2\nbatch_size: 2\nprogress: false\n")
+    assert main(["generate", str(recipe), "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "the batch of seeds" in err and "CUDA out of memory (a stand-in)" in err and "one by one" in err
+    record = json.loads((tmp_path / "a" / "record.json").read_text())
+    assert record["completed"] == [0, 1] and len(record["problems"]["batches_rerun"]) == 1
+    assert main(["generate", str(recipe), "--out", str(tmp_path / "b"), "--set", "combiner.kind=not-a-combiner"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "combiner 'not-a-combiner' (plugin" in err and "built a object, which has no combine" in err
+
+
+class Misspelt:
+    def register_energy(self, register):  # neither the hook's name nor decorated
+        register("never", lambda context, **o: None)
+
+
+def test_a_plugin_that_registers_nothing_is_reported_with_what_it_has():
+    reg = Registry(load_entry_points=False)
+    reg.register_plugin(Misspelt(), "misspelt")
+    (info,) = [p for p in reg.plugins() if p.name == "misspelt"]
+    assert info.errors and "registers nothing" in info.errors[0] and "found register_energy" in info.errors[0]
+    with pytest.raises(zmagic_core.UnknownComponentError, match="plugin.s. that failed to load: misspelt"):
+        reg.get("energy", "never")

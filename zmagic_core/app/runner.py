@@ -276,6 +276,7 @@ def _generate(plan, out: Path, progress, callback) -> dict:
         started = time.perf_counter()
         pipeline = None
         errors: dict[str, str] = {}
+        rerun: list[str] = []
         if pending:
             pipeline = build_pipeline(plan)
             show = recipe.progress if progress is None else progress
@@ -283,6 +284,7 @@ def _generate(plan, out: Path, progress, callback) -> dict:
                 result = pipeline.run([seeds[i] for i in batch], batch_size=recipe.batch_size, progress=show,
                                       callback=callback)
                 by_seed = {s: k for k, s in enumerate(result.seeds)}
+                rerun += result.notes
                 for i in chunk:
                     if seeds[i] in result.errors:
                         errors[str(i)] = result.errors[seeds[i]]
@@ -295,7 +297,7 @@ def _generate(plan, out: Path, progress, callback) -> dict:
         if records:
             folder.mark()  # a re-marked folder whose samples were all done
         return _aggregate(folder, plan, seeds, [records[i] for i in sorted(records)], pipeline, errors, elapsed,
-                          len(pending))
+                          len(pending), rerun)
 
 
 def _batches(pending: list[int], count: int, batch_size: int) -> list[tuple[list[int], list[int]]]:
@@ -321,7 +323,7 @@ def _final_energies(pipeline, images: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def _aggregate(folder: _Folder, plan, seeds, records, pipeline, errors, elapsed, generated) -> dict:
+def _aggregate(folder: _Folder, plan, seeds, records, pipeline, errors, elapsed, generated, rerun=()) -> dict:
     out, recipe = folder.out, plan.recipe
     previous = _read_json(out / RECORD)
     if not isinstance(previous, dict) or previous.get("identity") != folder.ident:
@@ -342,7 +344,8 @@ def _aggregate(folder: _Folder, plan, seeds, records, pipeline, errors, elapsed,
         "versions": environment(plan, recipe.device),
         "identity": folder.ident,
         "notes": list(plan.notes),
-        "problems": guidance_problems([r["trace"] for r in records]),
+        "problems": {**guidance_problems([r["trace"] for r in records]),
+                     **({"batches_rerun": list(rerun)} if rerun else {})},
     }
     if records:
         samples = torch.stack([torch.from_numpy(np.load(_sample_paths(out, r["index"])["npy"], allow_pickle=False))
@@ -402,6 +405,7 @@ def problem_messages(problems: dict) -> list[str]:
              f"sample-steps ({seen['share']:.0%})" for name, seen in (problems.get("disabled") or {}).items()]
     if problems.get("fallback_sample_steps"):
         lines.append(f"the non-finite guidance fallback fired at {problems['fallback_sample_steps']} sample-steps")
+    lines += problems.get("batches_rerun") or []
     if problems.get("stack_lowered_to"):
         size = problems["stack_lowered_to"]
         lines.append(f"the combiner's stacked network calls ran out of device memory; it went on with {size} "

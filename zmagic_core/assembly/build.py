@@ -53,16 +53,26 @@ class CheckedRecipe:
         factory raises becomes one ZmagicError naming the component and its plugin."""
         reg, options = self.parts[where]
         try:
-            return reg.factory(context, **options)
+            built = reg.factory(context, **options)
         except (ZmagicError, KeyboardInterrupt):
             raise
         except TypeError as exc:
-            raise ConfigError(f"{where}: {reg.category} {reg.name!r} rejected its options: "
-                              f"{clip_text(str(exc), 300)}") from exc
+            raise ConfigError(f"{where}: {reg.category} {reg.name!r} (plugin {_plugin_text(self.registry, reg)}) "
+                              f"could not be built with its options: {clip_text(str(exc), 300)}") from exc
         except BaseException as exc:  # any exception of a plugin's factory, SystemExit included
             text = clip_text(" ".join(str(exc).split()), 300)
             raise ConfigError(f"{where}: {reg.category} {reg.name!r} (plugin {_plugin_text(self.registry, reg)}) "
                               f"failed to build: {type(exc).__name__}" + (f": {text}" if text else "")) from exc
+        lacking = [a for a in BUILT_NEEDS.get(reg.category, ()) if not callable(getattr(built, a, None))]
+        if lacking:  # caught here, not as an AttributeError deep in sampling
+            raise ConfigError(f"{where}: {reg.category} {reg.name!r} (plugin {_plugin_text(self.registry, reg)}) "
+                              f"built a {type(built).__name__}, which has no {', '.join(lacking)}")
+        return built
+
+
+# what a built component must be able to do, by category
+BUILT_NEEDS = {"model": ("predict", "decode"), "solver": ("step",), "combiner": ("combine",),
+               "energy": ("__call__",), "evaluator": ("evaluate", "applies_to")}
 
 
 def _plugin_text(registry: Registry, reg: Registration) -> str:

@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from zmagic_core.contracts.errors import ConfigError
 from zmagic_core.method.predictions import score_from_eps
 
 STEP_RULES = ("fixed", "constant", "adaptive")
@@ -79,6 +80,18 @@ class Condition:
     def active(self, t: int) -> bool:
         return self.stop <= t <= self.start
 
+    def values(self, images: torch.Tensor) -> torch.Tensor:
+        """The energy of each image, shape (B,): a plugin's energy that breaks this contract is named."""
+        energy = self.energy(images)
+        if not torch.is_tensor(energy) or energy.shape != images.shape[:1] or not energy.is_floating_point():
+            got = f"a tensor of shape {tuple(energy.shape)}" if torch.is_tensor(energy) else type(energy).__name__
+            raise ConfigError(f"condition {self.name!r}: its energy returned {got}; an energy returns one float "
+                              f"per image, shape ({images.shape[0]},)")
+        if images.requires_grad and not energy.requires_grad:
+            raise ConfigError(f"condition {self.name!r}: its energy is not differentiable with respect to the image "
+                              "(detached, or computed without autograd); guidance needs its gradient")
+        return energy
+
     def guidance(self, ev: "Evaluation", create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(energy per sample, g_i) at the evaluation point; g_i keeps its graph if asked."""
         energy, g, _ = self.guidance_and_step(ev, create_graph)
@@ -88,7 +101,7 @@ class Condition:
                           retain_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(energy, g_i, rho_i): with ``rho`` given, that step size is used instead of this point's
         (the finite-difference product holds rho_1 constant, as the maths does)."""
-        energy = self.energy(ev.image)
+        energy = self.values(ev.image)
         (grad,) = torch.autograd.grad(energy.sum(), ev.x, retain_graph=retain_graph or create_graph,
                                       create_graph=create_graph)
         if rho is None:
@@ -97,7 +110,7 @@ class Condition:
 
     def energy_only(self, ev: "Evaluation") -> torch.Tensor:
         with torch.no_grad():
-            return self.energy(ev.image.detach())
+            return self.values(ev.image.detach())
 
 
 @dataclass
@@ -247,7 +260,7 @@ def _evaluate_stacked(model, points, t, abar, conditions, rhos, gain) -> list[Ev
             jobs = [k for k, c in enumerate(conditions) if len(c) > r]
             plain = [k for k in jobs if not _own_rule(conditions[k][r])]
             if plain:
-                energies = {k: conditions[k][r].energy(image[rows[k]]) for k in plain}
+                energies = {k: conditions[k][r].values(image[rows[k]]) for k in plain}
                 later = any(not _own_rule(c[q]) for c in conditions for q in range(r + 1, len(c)))
                 (grad,) = torch.autograd.grad(sum(e.sum() for e in energies.values()), x, retain_graph=later)
             for k in jobs:

@@ -254,6 +254,10 @@ class Registry:
                     raise
                 except BaseException as exc:  # SystemExit, GeneratorExit, ... from a plugin's hook
                     info.errors.append(f"{hook_name} raised {_error_text(exc)}")
+        if not info.registers and not info.errors and not builtin:  # a misspelt or undecorated hook does nothing
+            found = sorted(n for n in dir(plugin) if n.startswith("register") and callable(getattr(plugin, n, None)))
+            info.errors.append("registers nothing: no @hookimpl function named " + ", ".join(HOOKS.values())
+                               + (f" (found {', '.join(found)}: misspelt, or without @hookimpl?)" if found else ""))
         return info
 
     def _registrar(self, category: str, info: PluginInfo):
@@ -334,8 +338,11 @@ class Registry:
     def package_hint(self, category: str, name: str) -> str:
         """For a kind one of the project's plugins provides: what to install, or why it did not load."""
         package = KNOWN_PACKAGES.get((category, name))
-        if package is None:
-            return ""
+        if package is None:  # a third party's kind: point at plugins that failed or were left out
+            failed = [i.name for i in self.plugins() if i.errors and not i.builtin]
+            hints = ([f"plugin(s) that failed to load: {', '.join(failed)}; see `zmagic plugins`"] if failed else []) \
+                + ([f"{LOAD_PLUGINS_ENV} leaves out {', '.join(sorted(self._excluded))}"] if self._excluded else [])
+            return f"({'; '.join(hints)})" if hints else ""
         infos = [i for i in self.plugins() if i.distribution and _normalize(i.distribution) == package]
         for info in infos:
             if info.errors:

@@ -41,6 +41,7 @@ class RunResult:
     trace: list[list[dict]]
     condition_names: list[str]
     errors: dict[int, str] = field(default_factory=dict)  # seed -> message, for samples that failed
+    notes: list[str] = field(default_factory=list)  # what went differently (a batch rerun sample by sample)
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -75,7 +76,7 @@ class Pipeline:
     def run(self, seeds: list[int], batch_size: int = 8, progress: bool = True,
             callback: Optional[Callable[[dict], None]] = None) -> RunResult:
         """Sample one image per seed; a batch that fails is retried sample by sample."""
-        samples, images, traces, errors, done = [], [], [], {}, []
+        samples, images, traces, errors, done, notes = [], [], [], {}, [], []
         for start in range(0, len(seeds), batch_size):
             batch = list(seeds[start:start + batch_size])
             try:
@@ -86,6 +87,9 @@ class Pipeline:
                 if len(batch) == 1:
                     errors[batch[0]] = failure_message(exc)
                     continue
+                # said even if every sample then runs alone: a batch that fails is slower, or a bug
+                notes.append(f"the batch of seeds {batch[0]}..{batch[-1]} failed ({failure_message(exc)}); its "
+                             "samples were run one by one")
                 parts = []
                 for seed in batch:  # isolate the failing sample; keep the others
                     try:
@@ -102,7 +106,7 @@ class Pipeline:
         empty = torch.empty(0, *self.model.sample_shape)
         return RunResult(done, torch.cat(samples) if samples else empty,
                          torch.cat(images) if images else empty, traces,
-                         [c.name for c in self.conditions], errors)
+                         [c.name for c in self.conditions], errors, notes)
 
     def _run_batch(self, seeds, progress, callback):
         noise = SampleNoise(seeds, tuple(self.model.sample_shape), self.device)
@@ -134,6 +138,10 @@ class Pipeline:
         step = GuidanceStep(self.model, self.solver, active, x, t, t_next, abar_t, abar_next, z)
         if active:
             combined = self.combiner.combine(step)
+            if not torch.is_tensor(combined.guidance) or combined.guidance.shape != x.shape:
+                got = tuple(combined.guidance.shape) if torch.is_tensor(combined.guidance) else type(combined.guidance)
+                raise ConfigError(f"combiner {type(self.combiner).__name__}: its guidance has shape {got}; it must have "
+                                  f"the shape of x_t, {tuple(x.shape)} (one row per sample)")
             ev = step.base()
             guidance = combined.guidance.detach()
             if not torch.isfinite(guidance).all() and any(g is None for g in ev.grads):
