@@ -40,7 +40,9 @@ _PUBLIC = {
     # the built-in components
     "DDPMSolver": "method.solvers", "DDIMSolver": "method.solvers", "PCSolver": "method.solvers",
     "SumCombiner": "method.combiners", "DependentCombiner": "method.combiners", "CAGradCombiner": "method.combiners",
-    "ShapesModel": "models.shapes", "render": "models.shapes",
+    "ShapesModel": "models.shapes", "render": "models.shapes", "ShapesFlowModel": "models.shapes",
+    "AttributeEnergy": "models.shapes", "MaskEnergy": "models.shapes", "KeypointEnergy": "models.shapes",
+    "StyleEnergy": "models.shapes",
     # running: the loop, recipes, the registry
     "Pipeline": "sampling.pipeline", "RunResult": "sampling.pipeline",
     "Recipe": "assembly.recipe", "load_recipe": "assembly.build", "check_recipe": "assembly.build",
@@ -82,6 +84,7 @@ if TYPE_CHECKING:  # static analysers see the names
                                               conditional_gradients, cosine, vector_jacobian_products)
     from zmagic_core.method.guidance import Condition, Evaluation, GuidanceStep  # noqa: F401
     from zmagic_core.method.solvers import DDIMSolver, DDPMSolver, PCSolver  # noqa: F401
-    from zmagic_core.models.shapes import ShapesModel, render  # noqa: F401
+    from zmagic_core.models.shapes import (AttributeEnergy, KeypointEnergy, MaskEnergy, ShapesFlowModel,  # noqa: F401
+                                           ShapesModel, StyleEnergy, render)
     from zmagic_core.plugins.registry import get_registry  # noqa: F401
     from zmagic_core.sampling.pipeline import Pipeline, RunResult  # noqa: F401

@@ -395,3 +395,22 @@ def test_a_plugin_that_registers_nothing_is_reported_with_what_it_has():
     assert info.errors and "registers nothing" in info.errors[0] and "found register_energy" in info.errors[0]
     with pytest.raises(zmagic_core.UnknownComponentError, match="plugin.s. that failed to load: misspelt"):
         reg.get("energy", "never")
+
+
+def test_joint_satisfaction_says_which_conditions_it_does_not_judge(registry, tmp_path, monkeypatch, capsys):
+    """The shapes world's exact check knows p(c | k) for its own energies only: a plugin condition is named as
+    not judged, so a 1.000 is not read as "every condition met"."""
+    import zmagic_core.plugins.registry as registry_module
+    from zmagic_core.app.cli import main
+
+    monkeypatch.setattr(registry_module, "_default", registry)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {kind: shapes, size: 16}\nsolver: {kind: ddpm, steps: 3}\nconditions: [{kind: "
+                      "shapes-attribute, name: red, attribute: color, value: red}, {kind: test-brightness, name: bright, "
+                      "level: 0.9}]\nnum_samples: 2\nprogress: false\n")
+    assert main(["generate", str(recipe), "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "(over the shapes-world conditions only; bright not judged)" in out
+    record = json.loads((tmp_path / "a" / "record.json").read_text())
+    assert record["evaluation"]["shapes"]["summary"]["not_judged"] == ["bright"]
+    assert set(record["evaluation"]["shapes"]["summary"]["satisfaction"]) == {"red"}

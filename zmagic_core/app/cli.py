@@ -83,7 +83,9 @@ def cmd_generate(args) -> int:
             print(f"sample {index} failed: {message}", file=sys.stderr)
     if "shapes" in record.get("evaluation", {}):
         s = record["evaluation"]["shapes"]["summary"]
-        print(f"joint satisfaction {s['joint_satisfaction']:.3f}, on-manifold {s['on_manifold']:.3f}")
+        unjudged = s.get("not_judged") or []
+        print(f"joint satisfaction {s['joint_satisfaction']:.3f}, on-manifold {s['on_manifold']:.3f}"
+              + (f" (over the shapes-world conditions only; {', '.join(unjudged)} not judged)" if unjudged else ""))
     problems = record.get("problems") or {}
     for line in problem_messages(problems):  # nothing is dropped silently
         _error(line, "warning")

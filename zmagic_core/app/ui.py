@@ -835,6 +835,8 @@ def summary_line(record: dict, out: Path) -> str:
         s = shapes["summary"]
         text += (f"; shapes world's exact check: joint satisfaction {s['joint_satisfaction']:.2f}, "
                  f"on-manifold {s['on_manifold']:.2f}")
+        if s.get("not_judged"):  # plugin conditions have no exact likelihood in the shapes world
+            text += f" (not judged: {', '.join(s['not_judged'])})"
     failed = record.get("failed") or {}
     if failed:
         text += "; failed: " + "; ".join(f"sample {i}: {m}" for i, m in failed.items())

@@ -146,4 +146,7 @@ class ShapesEvaluator(Evaluator):
 
     def evaluate(self, run: FinishedRun) -> dict:
         judged = [c for c in run.conditions if hasattr(c.energy, "log_likelihood")]  # shapes energies only
-        return evaluate_samples(run.model, run.samples, [c.energy for c in judged], [c.name for c in judged])
+        result = evaluate_samples(run.model, run.samples, [c.energy for c in judged], [c.name for c in judged])
+        # a plugin's condition has no exact p(c | k): the joint figures say nothing about it, and say so
+        result["summary"]["not_judged"] = [c.name for c in run.conditions if c not in judged]
+        return result
