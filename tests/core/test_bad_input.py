@@ -947,3 +947,11 @@ def test_yaml_merge_keys_still_override(tmp_path, capsys):
                     "conditions:\n  - &c {kind: shapes-attribute, attribute: color, value: red}\n"
                     "  - {<<: *c, attribute: shape, value: circle}\n")
     assert_checked_ok(run(capsys, "check", path))
+
+
+@pytest.mark.parametrize("device,words", [("meta", ["model.options.device", "'meta' is not supported"]),
+                                          ("cpu:3", ["model.options.device", "no numbered devices"])])
+def test_a_model_device_is_checked_like_the_recipe_device(tmp_path, capsys, device, words):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(dict(BASE, model={"kind": "diffusers-pixel", "id": str(tmp_path), "device": device})))
+    assert_refused(run(capsys, "check", path), *words)

@@ -192,8 +192,16 @@ def _check_windows(recipe: Recipe, timesteps: int, what: str) -> None:
                               f"visited timesteps (the nearest is {near}); the condition would never be active")
 
 
-def _check_device(device: str, dtype: str = "float32") -> None:
+def _check_device(device: str, dtype: str = "float32", field: str = "device") -> None:
     """A device this machine has, of a kind zmagic runs on (cpu, cuda[:N], mps), supporting ``dtype``."""
+    try:
+        _check_device_here(device, dtype)
+    except ConfigError as exc:
+        raise ConfigError(f"{field}{str(exc)[len('device'):]}" if str(exc).startswith("device:") else str(exc)) \
+            from None
+
+
+def _check_device_here(device: str, dtype: str) -> None:
     shown = shorten(device, 60)
     try:
         dev = torch.device(device)
@@ -294,6 +302,9 @@ def _check(recipe: Recipe, registry: Registry, problems: _Problems) -> CheckedRe
     if "model" in plan.parts and "combiner" in plan.parts:
         problems.run(lambda: _check_counts(recipe, plan))
     problems.run(lambda: _check_device(recipe.device, recipe.dtype))
+    model_device = plan.parts["model"][1].get("device") if "model" in plan.parts else None
+    if isinstance(model_device, str):  # a model placed apart (e.g. the text encoders' device) is checked alike
+        problems.run(lambda: _check_device(model_device, recipe.dtype, "model.options.device"))
     return plan
 
 

@@ -69,6 +69,9 @@ def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
     else:
         raise ConfigError(f"beta_schedule {schedule!r} is not supported (linear, scaled_linear, "
                           f"squaredcos_cap_v2, sigmoid or trained_betas)")
+    if not bool(((betas > 0) & (betas < 1)).all()):  # else abar reaches 0 or leaves (0, 1]: every step fails
+        raise ConfigError(f"the noise schedule's betas must lie in (0, 1); beta_schedule {schedule!r} with "
+                          f"beta_start {start}, beta_end {end} gives {float(betas.min()):.3g} to {float(betas.max()):.3g}")
     if config.get("rescale_betas_zero_snr"):
         raise ConfigError("rescale_betas_zero_snr gives abar_T = 0, where the Tweedie estimate "
                           "x0 = (x - sqrt(1-abar) eps) / sqrt(abar) is undefined; not supported")

@@ -273,3 +273,18 @@ def test_from_pipe_reuses_a_loaded_pipeline_and_matches_from_pretrained(dirs, fa
     torch.testing.assert_close(a.samples, b.samples, rtol=1e-5, atol=1e-5)
     with pytest.raises(Exception, match="from_pipe reuses"):
         ZMagicPipeline.from_pipe(loaded, t5=False)
+
+
+@pytest.mark.parametrize("family,tokenizer", [("sd3", "tokenizer_3"), ("flux", "tokenizer_2"), ("flux", "tokenizer")])
+def test_a_folder_missing_a_tokenizer_is_refused_naming_it(dirs, tmp_path, family, tokenizer):
+    """transformers builds an empty default tokenizer for a missing folder (T5 then encodes every prompt as
+    unknown tokens, silently): the loader refuses the folder first."""
+    import shutil
+
+    from zmagic_core.contracts.errors import WeightsNotFoundError
+
+    folder = tmp_path / family
+    shutil.copytree(dirs[family], folder)
+    shutil.rmtree(folder / tokenizer)
+    with pytest.raises(WeightsNotFoundError, match=f"has no {tokenizer}/ .tokenizer_config.json.; the prompt cannot"):
+        build(folder)

@@ -211,3 +211,27 @@ def test_unreachable_hub_fails_at_once(monkeypatch):
         build("diffusers-pixel", id="zmagic-tests/no-such-model")
     assert "huggingface-cli download zmagic-tests/no-such-model" in str(info.value)
     assert time.time() - start < 5
+
+
+def test_a_missing_tokenizer_a_missing_schedule_and_a_file_as_id_are_named(sd_dir, pixel_dir, tmp_path):
+    sd = tmp_path / "sd"
+    shutil.copytree(sd_dir, sd)
+    shutil.rmtree(sd / "tokenizer")
+    with pytest.raises(WeightsNotFoundError, match="has no tokenizer/"):
+        build("stable-diffusion", id=str(sd), prompt="a cat", height=SD_SIZE, width=SD_SIZE)
+    # a schedule is never guessed: a misspelt subfolder, or a folder with none and no schedule options
+    with pytest.raises(ConfigError, match="no scheduler_config.json in scheduler_subfolder 'schedulr'"):
+        build("diffusers-pixel", path=str(pixel_dir), scheduler_subfolder="schedulr")
+    bare = tmp_path / "bare"
+    shutil.copytree(pixel_dir / "unet", bare)
+    with pytest.raises(ConfigError, match="the noise schedule is unknown"):
+        build("diffusers-pixel", id=str(bare))
+    weights = tmp_path / "unet.safetensors"
+    weights.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="is a file; .id. names a save_pretrained folder or a hub id"):
+        build("diffusers-pixel", id=str(weights))
+
+
+def test_a_schedule_with_betas_outside_0_1_is_refused(pixel_dir):
+    with pytest.raises(ConfigError, match=r"betas must lie in \(0, 1\).*beta_end 1.5"):
+        build("diffusers-pixel", path=str(pixel_dir), beta_end=1.5)

@@ -43,7 +43,7 @@ from zmagic_core.method.guidance import Condition
 from zmagic_core.models.pretrained.attention import ATTENTION_POLICIES, attention_context, checkpoint_function
 from zmagic_core.files.weights import hub_offline
 from zmagic_core.models.pretrained.loading import (fp32, load_checkpoint_into, load_pretrained, parse_dtype,
-                                                  require_modules, resolve_device, resolve_source)
+                                                  require_modules, require_tokenizer, resolve_device, resolve_source)
 from zmagic_core.models.pretrained.stable_diffusion import (PromptCondition, StableDiffusionModel,
                                                            StableDiffusionOptions, prompt_clone)
 
@@ -402,6 +402,9 @@ def build_flow_transformer(context: BuildContext, **options) -> FlowTransformerM
     skip = ["image_encoder", "feature_extractor"]
     if family == "sd3" and (not opts.t5 or not (index or {}).get("text_encoder_3", [None])[0]):
         skip += ["text_encoder_3", "tokenizer_3"]
+    for name, entry in (index or {}).items():  # every tokenizer the pipeline will load must be there
+        if name.startswith("tokenizer") and name not in skip and isinstance(entry, list) and entry[0]:
+            require_tokenizer(source, name)
     pipeline = load_pretrained(getattr(diffusers, PIPELINES[family]), source, what=PIPELINES[family],
                                torch_dtype=dtype, **{k: None for k in skip}, **extra)
     parts = dict(pipeline.components)

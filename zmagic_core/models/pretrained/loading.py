@@ -144,6 +144,10 @@ def resolve_source(model_id: Optional[str], path: Optional[str] = None, revision
     folder = Path(model_id).expanduser()
     if folder.is_dir():
         return Source(model_id, str(folder), True)
+    if folder.is_file():  # a single-file checkpoint is loaded over a model, not as one
+        raise ConfigError(f"model id {model_id!r} is a file; `id` names a save_pretrained folder or a hub id, and a "
+                          "single-file checkpoint goes in `checkpoint` (diffusers-pixel), `unet_checkpoint` "
+                          "(stable-diffusion, -xl) or `transformer_checkpoint` (flow-transformer)")
     if model_id.startswith((".", "/", "~")) or os.sep in model_id.strip("/").replace("/", "", 1):
         raise WeightsNotFoundError(
             f"model folder {model_id!r} not found (looked for {folder.resolve()}); it is not a hub id either")
@@ -199,6 +203,14 @@ def load_checkpoint_into(module: torch.nn.Module, path: str, prefix: Optional[st
         raise ConfigError(f"checkpoint {path!r}: unknown format {file.suffix!r}; expected "
                           f"{', '.join(CHECKPOINT_SUFFIXES)}")
     load_strict(module, read_state_dict(file, f"{type(module).__name__} checkpoint"), file, type(module).__name__, prefix=prefix)
+
+
+def require_tokenizer(source: Source, subfolder: str) -> None:
+    """Refuse a folder without the tokenizer a text encoder needs: transformers then builds an empty
+    default one instead of failing, which encodes every prompt as unknown tokens."""
+    if source.has_file(f"{subfolder}/tokenizer_config.json") is False:
+        raise WeightsNotFoundError(f"model: {source.where()} has no {subfolder}/ (tokenizer_config.json); the "
+                                   f"prompt cannot be tokenized. Save the pipeline's {subfolder} there")
 
 
 def read_scheduler_config(source: Source, subfolders: tuple[Optional[str], ...]) -> Optional[dict]:

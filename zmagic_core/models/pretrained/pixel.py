@@ -111,9 +111,17 @@ def build_diffusers_pixel(context: BuildContext, **options) -> DiffusersPixelMod
     if opts.checkpoint:
         load_checkpoint_into(unet, opts.checkpoint)  # copies into the existing (typed) parameters
     sched_subs = (opts.scheduler_subfolder,) if opts.scheduler_subfolder is not None else ("scheduler", None)
-    config = read_scheduler_config(source, sched_subs) or {}
+    config = read_scheduler_config(source, sched_subs)
     overrides = {k: getattr(opts, k) for k in ("prediction_type", "beta_schedule", "beta_start", "beta_end",
                                                "num_train_timesteps") if getattr(opts, k) is not None}
+    if config is None and (opts.scheduler_subfolder is not None or not overrides):
+        # a default schedule would be a silent guess (a v-prediction model then gives garbage)
+        asked = f"scheduler_subfolder {opts.scheduler_subfolder!r}" if opts.scheduler_subfolder is not None else \
+            "scheduler/ or the root"
+        raise ConfigError(f"model: {source.where()} has no scheduler_config.json in {asked}; the noise schedule is "
+                          "unknown: save the pipeline's scheduler there, or give beta_schedule, beta_start, beta_end "
+                          "and prediction_type")
+    config = config or {}
     config.update(overrides)
     prediction_type = config.get("prediction_type", "epsilon")
     if opts.gradient_checkpointing:

@@ -36,8 +36,8 @@ from zmagic_core.method.guidance import Condition, rms
 from zmagic_core.models.pretrained.attention import ATTENTION_POLICIES, attention_context, checkpoint_function
 from zmagic_core.method.predictions import PREDICTION_TYPES, alphas_cumprod_from_config, output_to_eps, tweedie_x0
 from zmagic_core.models.pretrained.loading import (DIFFUSERS_AND_TRANSFORMERS, fp32, load_pretrained, load_checkpoint_into,
-                                                  parse_dtype, read_scheduler_config, require_modules, resolve_device,
-                                                  resolve_source)
+                                                  parse_dtype, read_scheduler_config, require_modules, require_tokenizer,
+                                                  resolve_device, resolve_source)
 
 DEFAULT_SD_ID = "CompVis/stable-diffusion-v1-4"
 
@@ -339,6 +339,8 @@ def load_latent_parts(kind: str, opts, context: BuildContext, text_parts: tuple[
     if parts["scheduler_config"] is None:
         raise ConfigError(f"{source.name!r} has no scheduler/scheduler_config.json; the noise schedule is unknown")
     for name in text_parts:
+        if name.startswith("tokenizer"):
+            require_tokenizer(source, name)
         kwargs = {} if name.startswith("tokenizer") else {"dtype": dtype, **extra}
         parts[name] = load_pretrained(getattr(transformers, TEXT_CLASSES[name]), source, name, **kwargs)
     return parts, resolve_device(opts.device, context.device)
