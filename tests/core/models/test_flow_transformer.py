@@ -288,3 +288,10 @@ def test_a_folder_missing_a_tokenizer_is_refused_naming_it(dirs, tmp_path, famil
     shutil.rmtree(folder / tokenizer)
     with pytest.raises(WeightsNotFoundError, match=f"has no {tokenizer}/ .tokenizer_config.json.; the prompt cannot"):
         build(folder)
+
+
+def test_t5_off_is_refused_on_flux(dirs):
+    from zmagic_core.contracts.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="t5: false is for sd3 only"):
+        build(dirs["flux"], t5=False)

@@ -396,6 +396,8 @@ def build_flow_transformer(context: BuildContext, **options) -> FlowTransformerM
 
     index = read_json(source, "model_index.json")
     family = opts.family or detect_family(source, index)
+    if family == "flux" and not opts.t5:  # FLUX's prompt goes through T5 only: without it there is none
+        raise ConfigError("model.options.t5: false is for sd3 only; FLUX encodes the prompt with its T5")
     dtype = parse_dtype(opts.dtype, context.dtype)
     extra: dict[str, Any] = {"variant": opts.variant} if opts.variant else {}
     # no IP-adapter image encoder; sd3 without T5 when asked or when the folder has none
