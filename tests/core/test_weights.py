@@ -44,8 +44,12 @@ def test_missing_file_names_every_place_searched(places, tmp_path):
         find_weights("tiny net", "w.pt", str(tmp_path / "nowhere.pt"), "Ask the authors.")
 
 
-def test_download_into_torch_hub_and_failed_download(places):
+def test_download_into_torch_hub_and_failed_download(places, monkeypatch):
+    import zmagic_core.files.weights as weights
+
     env, cache, hub = places
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(weights, "unreachable", lambda url: None)  # http://x answers, for this test
 
     def fetch(url, target):
         torch.save({"a": torch.ones(1)}, target)
@@ -57,6 +61,15 @@ def test_download_into_torch_hub_and_failed_download(places):
 
     with pytest.raises(WeightsNotFoundError, match="Downloading http://x/v.pt failed .OSError: no network"):
         find_weights("tiny", "v.pt", None, "", url="http://x/v.pt", download=True, downloader=offline)
+
+    # offline, or with the host silent, a download (whose library may wait forever) is not started
+    monkeypatch.setattr(weights, "unreachable", lambda url: "x cannot be reached (timed out)")
+    with pytest.raises(WeightsNotFoundError, match="Downloading http://x/u.pt was not tried: x cannot be reached"):
+        find_weights("tiny", "u.pt", None, "", url="http://x/u.pt", download=True, downloader=fetch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError, match="was not tried: offline mode is on"):
+        find_weights("tiny", "u.pt", None, "", url="http://x/u.pt", download=True, downloader=fetch)
+    assert not (hub / "u.pt").exists()
 
 
 def test_safetensors_and_pt_round_trip(tmp_path):

@@ -64,7 +64,12 @@ def find_weights(what: str, filename: str, explicit: Optional[str], how_to_get: 
         if path.is_file():
             return path
     tried = ""
-    if download and url:
+    # a download library's own urllib call has no timeout: offline, or with the host silent, do not start it
+    why = ("offline mode is on (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or DIFFUSERS_OFFLINE)" if hub_offline()
+           else unreachable(url)) if download and url else None
+    if why:
+        tried = f" Downloading {url} was not tried: {why}."
+    elif download and url:
         target = torch_hub_checkpoints() / filename
         try:
             target.parent.mkdir(parents=True, exist_ok=True)

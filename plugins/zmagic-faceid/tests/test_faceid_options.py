@@ -44,7 +44,7 @@ def test_options_that_do_not_go_together_are_refused_by_check(options, message, 
 
 def test_offline_facenet_fails_at_once_naming_the_file_and_the_cache(tmp_path, monkeypatch, astronaut_png):
     import facenet_pytorch.models.utils.download as download
-    import zmagic_faceid.energy as energy
+    import zmagic_core.files.weights as weights  # the download guard is the core's
 
     tried = []
     monkeypatch.setattr(download, "download_url_to_file", lambda *a, **k: tried.append(a))
@@ -56,8 +56,8 @@ def test_offline_facenet_fails_at_once_naming_the_file_and_the_cache(tmp_path, m
         build_faceid(CTX, reference=str(astronaut_png), backbone="facenet")
     assert str(cache) in str(err.value) and "\n" not in str(err.value)
     # online, but the host does not answer: one short probe, no download
-    monkeypatch.setattr(energy, "hub_offline", lambda: False)
-    monkeypatch.setattr(energy, "unreachable", lambda url: "github.com cannot be reached (timed out)")
+    monkeypatch.setattr(weights, "hub_offline", lambda: False)
+    monkeypatch.setattr(weights, "unreachable", lambda url: "github.com cannot be reached (timed out)")
     with pytest.raises(WeightsNotFoundError, match="github.com cannot be reached") as err:
         build_faceid(CTX, reference=str(astronaut_png), backbone="facenet")
     assert str(cache) in str(err.value)

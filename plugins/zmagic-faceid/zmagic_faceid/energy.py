@@ -12,8 +12,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
-from zmagic_core import (BuildContext, ConfigError, Energy, FilePath, find_weights, hub_offline, load_image,
-                         load_strict, read_state_dict, unreachable)
+from zmagic_core import (BuildContext, ConfigError, Energy, FilePath, find_weights, load_image, load_strict,
+                         read_state_dict)
 
 from .faces import Box, box_problem, check_box, crop_resize, detect_face, fixed_crop_256, square_box
 from .irse import IR_SE50_UNITS, IR_SE50_WIDTHS, IRSEBackbone
@@ -75,19 +75,6 @@ class FaceIDOptions(BaseModel):
         return self
 
 
-def fetch_facenet(url: str, target: str) -> None:
-    """facenet-pytorch's download, refused at once when offline or unreachable (its urllib call would hang)."""
-    from facenet_pytorch.models.utils.download import download_url_to_file
-
-    if hub_offline():
-        raise ConnectionError("not tried, offline mode is on (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or "
-                              "DIFFUSERS_OFFLINE)")
-    why = unreachable(url)  # one 3 s probe, so an offline machine fails at once
-    if why:
-        raise ConnectionError(f"not tried, {why}")
-    download_url_to_file(url, target)
-
-
 def build_backbone(opts: FaceIDOptions) -> nn.Module:
     """The embedding network with its weights loaded strictly (safely: no pickled code)."""
     if opts.backbone == "arcface":
@@ -96,13 +83,14 @@ def build_backbone(opts: FaceIDOptions) -> nn.Module:
         load_strict(net, read_state_dict(path), path, "ArcFace IR-SE")
     else:
         from facenet_pytorch import InceptionResnetV1
+        from facenet_pytorch.models.utils.download import download_url_to_file
 
         url = FACENET_URLS[opts.pretrained]
         net = InceptionResnetV1(pretrained=None)
         path = find_weights(
             f"facenet InceptionResnetV1 ({opts.pretrained})", url.rsplit("/", 1)[1], opts.weights,
             f"facenet-pytorch downloads it from {url} (InceptionResnetV1(pretrained={opts.pretrained!r})).",
-            url=url, download=opts.download, downloader=fetch_facenet)
+            url=url, download=opts.download, downloader=download_url_to_file)
         # the released checkpoints carry a classifier head ('logits.*') the embedding does not use
         load_strict(net, read_state_dict(path), path, "InceptionResnetV1", ignore_prefixes=("logits.",))
     return net.eval().requires_grad_(False)

@@ -62,7 +62,7 @@ def test_bad_width_in_a_points_file_names_the_file_and_the_field(width, tmp_path
 
 def test_offline_fan_fails_at_once_naming_the_file_and_the_cache(tmp_path, monkeypatch, astronaut_png):
     import face_alignment.utils
-    import zmagic_landmark.networks as networks
+    import zmagic_core.files.weights as weights  # the download guard is the core's
 
     tried = []
     monkeypatch.setattr(face_alignment.utils, "load_file_from_url", lambda *a, **k: tried.append(a))
@@ -74,8 +74,8 @@ def test_offline_fan_fails_at_once_naming_the_file_and_the_cache(tmp_path, monke
         build_landmark(CTX, reference=str(astronaut_png), backbone="fan", fan_modules=1)
     assert str(cache) in str(err.value) and "\n" not in str(err.value)
     # online, but the host does not answer: one short probe, no download
-    monkeypatch.setattr(networks, "hub_offline", lambda: False)
-    monkeypatch.setattr(networks, "unreachable", lambda url: "www.adrianbulat.com cannot be reached (timed out)")
+    monkeypatch.setattr(weights, "hub_offline", lambda: False)
+    monkeypatch.setattr(weights, "unreachable", lambda url: "www.adrianbulat.com cannot be reached (timed out)")
     with pytest.raises(WeightsNotFoundError, match="adrianbulat.com cannot be reached") as err:
         build_landmark(CTX, reference=str(astronaut_png), backbone="fan", fan_modules=1)
     assert str(cache) in str(err.value)
