@@ -235,3 +235,26 @@ def test_a_missing_tokenizer_a_missing_schedule_and_a_file_as_id_are_named(sd_di
 def test_a_schedule_with_betas_outside_0_1_is_refused(pixel_dir):
     with pytest.raises(ConfigError, match=r"betas must lie in \(0, 1\).*beta_end 1.5"):
         build("diffusers-pixel", path=str(pixel_dir), beta_end=1.5)
+
+
+def test_a_unet_that_cannot_sample_here_is_named_before_any_step(sd_dir, pixel_dir, tmp_path):
+    import json
+
+    inpaint = tmp_path / "inpaint"
+    shutil.copytree(sd_dir, inpaint)
+    from diffusers import UNet2DConditionModel
+
+    config = json.loads((inpaint / "unet" / "config.json").read_text())
+    UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")} | {"in_channels": 9}
+                         ).save_pretrained(inpaint / "unet")
+    with pytest.raises(ConfigError, match="takes 9 channels and the VAE's latents have 4"):
+        build("stable-diffusion", id=str(inpaint), prompt="a cat", height=SD_SIZE, width=SD_SIZE)
+    with pytest.raises(ConfigError, match="sample_size: 9 is not a multiple of 2"):
+        build("diffusers-pixel", path=str(pixel_dir), sample_size=9)
+    from diffusers import UNet2DModel
+
+    labelled = tmp_path / "labelled"
+    shutil.copytree(pixel_dir, labelled)
+    UNet2DModel(**PIXEL_UNET, num_class_embeds=10).save_pretrained(labelled / "unet")
+    with pytest.raises(ConfigError, match="is class-conditional"):
+        build("diffusers-pixel", path=str(labelled))

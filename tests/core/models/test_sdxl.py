@@ -188,3 +188,12 @@ def test_example_recipe_parses():
     options = Registry(load_entry_points=False).get("model", recipe.model.kind).options(**recipe.model.options)
     assert options.id == "stabilityai/stable-diffusion-xl-base-1.0" and options.decode_size == 512
     assert [c.kind for c in recipe.conditions] == ["style"] and recipe.combiner.kind == "dependent"
+
+
+def test_a_folder_of_the_other_family_is_named_before_any_step(sdxl_dir, sd_dir):
+    from zmagic_core.contracts.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="holds an SDXL UNet; use model kind 'stable-diffusion-xl'"):
+        MODEL_FACTORIES["stable-diffusion"](BuildContext(), id=str(sdxl_dir), height=SD_SIZE, width=SD_SIZE)
+    with pytest.raises(ConfigError, match="holds a Stable Diffusion 1.x/2.x UNet; use model kind 'stable-diffusion'"):
+        build(id=str(sd_dir))

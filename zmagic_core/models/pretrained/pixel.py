@@ -98,6 +98,19 @@ def _pick_subfolder(source, explicit: Optional[str], candidate: str, filename: s
     return candidate if source.has_file(f"{candidate}/{filename}") else None
 
 
+def check_pixel_unet(config, sample_size: Optional[int], where: str) -> None:
+    """What a UNet2DModel must be for unconditional sampling here, checked before any step runs."""
+    if config.get("num_class_embeds") or config.get("class_embed_type"):
+        raise ConfigError(f"model: the UNet2DModel in {where} is class-conditional (it needs class labels); "
+                          "diffusers-pixel samples unconditional models")
+    side = sample_size or config.get("sample_size")
+    side = side if isinstance(side, int) else max(side or (0,))
+    factor = 2 ** (len(config.get("down_block_types") or ()) - 1)
+    if side and factor > 1 and side % factor:  # the skip connections' sizes would not match
+        raise ConfigError(f"model.options.sample_size: {side} is not a multiple of {factor}, the UNet's "
+                          f"downsampling ({len(config['down_block_types'])} blocks)")
+
+
 def build_diffusers_pixel(context: BuildContext, **options) -> DiffusersPixelModel:
     """A diffusers UNet2DModel (pixel space) from a hub id or folder, as an eps-prediction model."""
     opts = DiffusersPixelOptions(**options)
@@ -108,6 +121,7 @@ def build_diffusers_pixel(context: BuildContext, **options) -> DiffusersPixelMod
     unet_sub = _pick_subfolder(source, opts.subfolder, "unet", "config.json")
     dtype = parse_dtype(opts.dtype, context.dtype)
     unet = load_pretrained(UNet2DModel, source, unet_sub, what="UNet2DModel", torch_dtype=dtype)
+    check_pixel_unet(unet.config, opts.sample_size, source.where())
     if opts.checkpoint:
         load_checkpoint_into(unet, opts.checkpoint)  # copies into the existing (typed) parameters
     sched_subs = (opts.scheduler_subfolder,) if opts.scheduler_subfolder is not None else ("scheduler", None)

@@ -335,6 +335,7 @@ def load_latent_parts(kind: str, opts, context: BuildContext, text_parts: tuple[
         parts["vae"] = load_pretrained(AutoencoderKL, vae_source, sub, torch_dtype=vae_dtype)
     if opts.unet_checkpoint:
         load_checkpoint_into(parts["unet"], opts.unet_checkpoint)
+    check_latent_unet(kind, parts["unet"].config, parts["vae"].config, source.where())
     parts["scheduler_config"] = read_scheduler_config(source, ("scheduler",))
     if parts["scheduler_config"] is None:
         raise ConfigError(f"{source.name!r} has no scheduler/scheduler_config.json; the noise schedule is unknown")
@@ -344,6 +345,20 @@ def load_latent_parts(kind: str, opts, context: BuildContext, text_parts: tuple[
         kwargs = {} if name.startswith("tokenizer") else {"dtype": dtype, **extra}
         parts[name] = load_pretrained(getattr(transformers, TEXT_CLASSES[name]), source, name, **kwargs)
     return parts, resolve_device(opts.device, context.device)
+
+
+def check_latent_unet(kind: str, unet, vae, where: str) -> None:
+    """The UNet of a text-to-image model of ``kind``, checked before any step runs: the family (an SDXL UNet
+    wants its extra embeddings), and a latent of the VAE's channels (an inpainting UNet takes 9)."""
+    sdxl = unet.get("addition_embed_type") == "text_time"
+    if sdxl != (kind == "stable-diffusion-xl"):
+        family = "an SDXL" if sdxl else "a Stable Diffusion 1.x/2.x"
+        right = "stable-diffusion-xl" if sdxl else "stable-diffusion"
+        raise ConfigError(f"model: {where} holds {family} UNet; use model kind {right!r}")
+    if unet.get("in_channels") != vae.get("latent_channels"):
+        raise ConfigError(f"model: the UNet in {where} takes {unet.get('in_channels')} channels and the VAE's latents "
+                          f"have {vae.get('latent_channels')} (an inpainting or other variant UNet); a text-to-image "
+                          "UNet is needed")
 
 
 def assemble_latent_model(model_cls, parts: dict, encoder: PromptEncoder, opts, device: torch.device,
