@@ -193,38 +193,31 @@ def _check_windows(recipe: Recipe, timesteps: int, what: str) -> None:
 
 
 def _check_device(device: str, dtype: str = "float32", field: str = "device") -> None:
-    """A device this machine has, of a kind zmagic runs on (cpu, cuda[:N], mps), supporting ``dtype``."""
-    try:
-        _check_device_here(device, dtype)
-    except ConfigError as exc:
-        raise ConfigError(f"{field}{str(exc)[len('device'):]}" if str(exc).startswith("device:") else str(exc)) \
-            from None
-
-
-def _check_device_here(device: str, dtype: str) -> None:
+    """A device this machine has, of a kind zmagic runs on (cpu, cuda[:N], mps), supporting ``dtype``;
+    errors name ``field`` (the recipe's device, or a model's own)."""
     shown = shorten(device, 60)
     try:
         dev = torch.device(device)
     except Exception:
-        raise ConfigError(f"device: {shown} is not a device (use cpu, cuda, cuda:N or mps)") from None
+        raise ConfigError(f"{field}: {shown} is not a device (use cpu, cuda, cuda:N or mps)") from None
     if dev.type not in DEVICE_TYPES:
-        raise ConfigError(f"device: {shown} is not supported; zmagic runs on cpu, cuda, cuda:N or mps")
+        raise ConfigError(f"{field}: {shown} is not supported; zmagic runs on cpu, cuda, cuda:N or mps")
     if dev.type == "cpu" and dev.index not in (None, 0):
-        raise ConfigError(f"device: {shown}: the CPU has no numbered devices; use cpu")
+        raise ConfigError(f"{field}: {shown}: the CPU has no numbered devices; use cpu")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device: {shown} requested but no CUDA device is available here")
+            raise ConfigError(f"{field}: {shown} requested but no CUDA device is available here")
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise ConfigError(f"device: {shown} requested but this machine has {count} CUDA device(s) "
+            raise ConfigError(f"{field}: {shown} requested but this machine has {count} CUDA device(s) "
                               f"(cuda:0 to cuda:{count - 1})")
         if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
             raise ConfigError(f"dtype: bfloat16 is not supported by CUDA device {shown}; use float16 or float32")
     if dev.type == "mps":
         if not torch.backends.mps.is_available():
-            raise ConfigError(f"device: {shown} requested but MPS is not available here")
+            raise ConfigError(f"{field}: {shown} requested but MPS is not available here")
         if dev.index not in (None, 0):
-            raise ConfigError(f"device: {shown}: there is one MPS device; use mps")
+            raise ConfigError(f"{field}: {shown}: there is one MPS device; use mps")
 
 
 def _check_model_facts(recipe: Recipe, model_reg: Registration, model_options: dict) -> None:

@@ -325,8 +325,8 @@ class CAGradCombiner(Combiner):
         _check_choices(product, project)
         self.c, self.rescale, self.hessian, self.level, self.cap = c, rescale, hessian, level, cap
         self.project = project
-        self.product, self.fd_step, self.bound, self.stack = product, fd_step, _bound(bound), stack
-        self.stack_limit = StackLimit(stack)  # lowered for good if a stacked call runs out of memory
+        self.product, self.fd_step, self.bound = product, fd_step, _bound(bound)
+        self.stack_limit = StackLimit(stack)  # the points per call; lowered for good if a call runs out of memory
 
     def pair_gradients(self, step, info: Optional[dict] = None) -> tuple[list[tuple[int, int]], torch.Tensor]:
         """All ordered pairs (i, j) and their gradients, shape (m, B, ...)."""

@@ -6,10 +6,10 @@ differentiable crop, ``Box``, :func:`detect_face`, :func:`square_box`, :func:`ch
 :func:`box_problem` and :func:`crop_resize`.
 """
 from .energy import FaceIDEnergy, FaceIDOptions, build_faceid
-from .faces import Box, box_problem, check_box, crop_resize, detect_face, square_box
+from .faces import Box, box_problem, check_box, crop_resize, detect_face, fraction_box, square_box
 from .irse import IRSEBackbone, ir_se50
 
 __all__ = ["FaceIDEnergy", "FaceIDOptions", "build_faceid", "IRSEBackbone", "ir_se50",
            # public for other plugins
-           "Box", "box_problem", "check_box", "crop_resize", "detect_face", "square_box"]
+           "Box", "box_problem", "check_box", "crop_resize", "detect_face", "fraction_box", "square_box"]
 __version__ = "0.1.0"

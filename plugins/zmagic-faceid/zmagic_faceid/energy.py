@@ -15,7 +15,7 @@ from torch import nn
 from zmagic_core import (BuildContext, ConfigError, Energy, FilePath, find_weights, load_image, load_strict,
                          read_state_dict)
 
-from .faces import Box, box_problem, check_box, crop_resize, detect_face, fixed_crop_256, square_box
+from .faces import Box, check_box, crop_resize, detect_face, fixed_crop_256, fraction_box, square_box
 from .irse import IR_SE50_UNITS, IR_SE50_WIDTHS, IRSEBackbone
 
 ARCFACE_FILE = "model_ir_se50.pth"
@@ -58,13 +58,7 @@ class FaceIDOptions(BaseModel):
     widths: list[int] = Field(list(IR_SE50_WIDTHS), min_length=1, max_length=6,
                               description="arcface only: channels per stage (IR-SE50: 64, 128, 256, 512)")
 
-    @field_validator("box")
-    @classmethod
-    def _box_is_fractions(cls, box: Optional[list[float]]) -> Optional[list[float]]:
-        problem = box_problem(box) if box is not None else ""
-        if problem:
-            raise ValueError(problem)
-        return box
+    _box_is_fractions = field_validator("box")(fraction_box)
 
     @model_validator(mode="after")
     def _options_agree(self) -> "FaceIDOptions":

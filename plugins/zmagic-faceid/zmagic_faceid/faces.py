@@ -72,6 +72,14 @@ def box_problem(box: Sequence[float], name: str = "box") -> str:
             "with x0 < x1 and y0 < y1")
 
 
+def fraction_box(box: Optional[Sequence[float]]) -> Optional[Sequence[float]]:
+    """An options model's ``box`` validator: None, or a box :func:`box_problem` accepts (else ValueError)."""
+    problem = box_problem(box) if box is not None else ""
+    if problem:
+        raise ValueError(problem)
+    return box
+
+
 def check_box(box: Sequence[float], name: str = "box") -> Box:
     """``box`` as a Box, or an InputError saying why it is none (see :func:`box_problem`)."""
     problem = box_problem(box, name)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 
 from zmagic_core import BuildContext, ConfigError, Energy, FilePath, InputError, load_image
-from zmagic_faceid import Box, box_problem, check_box, crop_resize, detect_face, square_box
+from zmagic_faceid import Box, check_box, crop_resize, detect_face, fraction_box, square_box
 
 from .networks import FANLandmarks, ONetLandmarks
 from .points import read_points
@@ -47,13 +47,7 @@ class LandmarkOptions(BaseModel):
     fan_input_size: int = Field(256, ge=64, le=512, multiple_of=16,
                                 description="fan only: crop size fed to FAN (trained at 256; smaller for tests)")
 
-    @field_validator("box")
-    @classmethod
-    def _box_is_fractions(cls, box: Optional[list[float]]) -> Optional[list[float]]:
-        problem = box_problem(box) if box is not None else ""
-        if problem:
-            raise ValueError(problem)
-        return box
+    _box_is_fractions = field_validator("box")(fraction_box)
 
     @field_validator("points_size")
     @classmethod
