@@ -62,6 +62,7 @@ BANDS = ((1000, 700), (700, 400), (400, 100), (100, -1))  # t in [hi, lo): "t in
 BAND_NAMES = ("[1000,700)", "[700,400)", "[400,100)", "[100,0]")
 
 STAGED = " staged"  # a label's suffix: the appearance conditions start late (see STAGE_SWEEP)
+TRAVEL = " travel"  # a label's suffix: every step is repeated with time travel (FreeDoM's; see TRAVEL_SWEEP)
 LAYOUT_KINDS = ("mask", "keypoints")  # where the shape is: guided from the first step in a staged run
 TWO_CONDITION_METHODS = ["none", "sum", "dep 1>2", "dep 2>1", "dep-noH 1>2", "dep-noH 2>1", "dep 1>2 autograd",
                          "dep 1>2 paper", "cagrad c=0", "cagrad c=0.5", "oracle"]
@@ -103,13 +104,15 @@ SCENARIOS = [
                                              ("kp", "keypoints", {"reference": "blue circle top"})],
      "why": "shape classifier + colour/area style + position keypoint: blue or yellow circles at the top",
      "methods": ["none", "sum", "cagrad c=0", "cagrad c=0.5", "cagrad c=0.5 autograd", "cagrad c=0.5 paper",
-                 "sum staged", "cagrad c=0 staged", "cagrad c=0.5 staged", "oracle"]},
+                 "sum staged", "cagrad c=0 staged", "cagrad c=0.5 staged", "sum travel", "cagrad c=0 travel",
+                 "oracle"]},
     {"name": "4 conditions", "conditions": [("green", "attribute", {"attribute": "color", "value": "green"}),
                                              ("triangle", "attribute", {"attribute": "shape", "value": "triangle"}),
                                              ("mask", "mask", {"reference": "green triangle bottom"}),
                                              ("kp", "keypoints", {"reference": "green triangle bottom"})],
      "why": "colour + shape classifiers + mask + keypoint: only the green triangle at the bottom",
-     "methods": ["none", "sum", "cagrad c=0", "cagrad c=0.5", "sum staged", "cagrad c=0 staged", "oracle"]},
+     "methods": ["none", "sum", "cagrad c=0", "cagrad c=0.5", "sum staged", "cagrad c=0 staged", "sum travel",
+                 "cagrad c=0 travel", "oracle"]},
 ]
 
 # held-out scenarios for the step-size sweep: other values and references than any reported one
@@ -148,6 +151,21 @@ STAGE_TUNING = [DEFAULTS_TUNING[0], DEFAULTS_TUNING[-1],
                     ("kp", "keypoints", {"reference": "yellow circle left"})]}]
 STAGE_SWEEP = (None, 800, 700, 600, 500, 400)  # None: every condition from the first step (no staging)
 STAGE_METHODS = ("sum", "cagrad c=0")
+# the number of time-travel repeats of the `travel` rows is chosen on these: held-out sets of three and four
+# conditions (other values and references than the reported 3- and 4-condition sets)
+TRAVEL_TUNING = [DEFAULTS_TUNING[-1],
+                 {"name": "tune 4 conditions", "conditions": [
+                     ("yellow", "attribute", {"attribute": "color", "value": "yellow"}),
+                     ("square", "attribute", {"attribute": "shape", "value": "square"}),
+                     ("mask", "mask", {"reference": "yellow square left"}),
+                     ("kp", "keypoints", {"reference": "yellow square left"})]},
+                 {"name": "tune 4 conditions b", "conditions": [
+                     ("blue", "attribute", {"attribute": "color", "value": "blue"}),
+                     ("circle", "attribute", {"attribute": "shape", "value": "circle"}),
+                     ("style", "style", {"reference": "blue circle top-right"}),
+                     ("kp", "keypoints", {"reference": "blue circle top-right"})]}]
+TRAVEL_SWEEP = (0, 1, 2)  # repeats per step: each costs one more step's work
+TRAVEL_METHODS = ("sum", "cagrad c=0")
 BOUND_SWEEP = (0.25, 1.0, 4.0, "none")
 DERIVED_BOUND = 1.0  # what the no-overshoot argument gives (docs/method.md); ties in the sweep go to it
 BOUND_METHODS = ("dep 1>2", "dep 2>1", "cagrad c=0.5")
@@ -174,6 +192,9 @@ METHOD_HELP = {
     "oracle": "exact conditional model (mixture reweighted by prod_i p(c_i|k)), no guidance",
     **{m: f"`{m[:-len(STAGED)]}` with the appearance conditions (attribute, style) guiding only from the staged start "
           "down (section 'Staged guidance'), the layout ones (mask, keypoints) from the first step" for m in STAGED_METHODS},
+    **{m: f"`{m[:-len(TRAVEL)]}` with time travel: every step repeated (back to level t by the forward process, then "
+          "stepped again) as many times as the sweep of section 'Time travel' chose, for every condition"
+       for m in ("sum travel", "cagrad c=0 travel")},
 }
 
 
@@ -191,8 +212,8 @@ def build_energy(world: ShapesModel, kind: str, options: dict):
 
 def make_combiner(method: str, **options) -> Combiner:
     """The built-in labels: 'sum', 'dep[-noH] 1>2|2>1 [autograd|paper]', 'cagrad c=X [autograd|paper]' (a ' staged'
-    suffix changes the conditions' windows, not the combiner)."""
-    method = method.removesuffix(STAGED)
+    suffix changes the conditions' windows and a ' travel' suffix their repeats, not the combiner)."""
+    method = method.removesuffix(TRAVEL).removesuffix(STAGED)
     if method in ("none", "oracle", "sum"):
         return SumCombiner()
     words = method.split()
@@ -252,11 +273,12 @@ class Recorder(Combiner):
 
 def run_method(world: ShapesModel, scenario: dict, method: str, seeds: list[int], scale: float, steps: int,
                batch_size: int, combiner: Optional[Callable[[], Combiner]] = None,
-               order: Optional[list[int]] = None, stage: Optional[int] = None) -> dict:
+               order: Optional[list[int]] = None, stage: Optional[int] = None, travel: int = 0) -> dict:
     """One method on one scenario for one seed set; every figure from this run.  ``method`` is the
     label; ``combiner`` builds its combiner (default: ``make_combiner(method)``, the built-in labels);
     ``order``: the conditions' order (default: the built-in label's, else the scenario's); ``stage``: the
-    appearance conditions (kinds other than LAYOUT_KINDS) guide only for t <= stage (None: every step)."""
+    appearance conditions (kinds other than LAYOUT_KINDS) guide only for t <= stage (None: every step); ``travel``:
+    time-travel repeats of every step (every condition's ``time_travel``)."""
     energies = [build_energy(world, kind, opts) for _, kind, opts in scenario["conditions"]]
     names = [name for name, _, _ in scenario["conditions"]]
     joint = world.conditioned(target_log_weights(world, energies))
@@ -271,7 +293,8 @@ def run_method(world: ShapesModel, scenario: dict, method: str, seeds: list[int]
             return -1
         return 10**6 if stage is None or kinds[i] in LAYOUT_KINDS else stage
 
-    conditions = [Condition(names[i], energies[i], "adaptive", scale, start=start(i)) for i in order]
+    conditions = [Condition(names[i], energies[i], "adaptive", scale, start=start(i), time_travel=travel if guided else 0)
+                  for i in order]
     recorder = Recorder(combiner() if combiner is not None else make_combiner(method), world, joint, singles)
     model = joint if method == "oracle" else world
     solver = DDIMSolver(0.0) if scenario.get("solver") == "ddim" else DDPMSolver()
@@ -502,6 +525,25 @@ def staging_sweep(world, samples: int, steps: int, batch_size: int, scale: float
     labels = [stage_label(v) for v in STAGE_SWEEP]
     chosen = healthiest_then_lowest_tv(rows, "stage", labels, labels.index)  # ties: none, then the earliest start
     return {"rows": rows, "samples": samples, "scale": scale, "stage": STAGE_SWEEP[labels.index(chosen)]}
+
+
+def travel_sweep(world, samples: int, steps: int, batch_size: int, scale: float, log) -> dict:
+    """How many time-travel repeats per step the `travel` rows take, on TRAVEL_TUNING with TRAVEL_METHODS at the
+    chosen scale.  Rule: the fewest unhealthy runs, then the lowest mean TV distance; values within 0.01 of it
+    count as tied (sampling noise) and ties go to the fewest repeats (the cheapest)."""
+    seeds = list(range(80_000, 80_000 + samples))
+    rows = []
+    for travel in TRAVEL_SWEEP:
+        for sc in TRAVEL_TUNING:
+            for method in TRAVEL_METHODS:
+                r = run_method(world, sc, method, seeds, scale, steps, batch_size, travel=travel)
+                rows.append({"travel": travel, "scenario": sc["name"], "method": method, "tv_all": r["tv_all"],
+                             "joint": r["joint"], "on_manifold": r["on_manifold"], "healthy": _healthy(r),
+                             "cpu_seconds": r["cpu_seconds"]})
+                log(f"travel sweep {travel} {sc['name']} {method}: TV {r['tv_all']:.3f} joint {r['joint']:.3f} "
+                    f"on-manifold {r['on_manifold']:.3f} ({r['cpu_seconds']:.1f} s cpu)")
+    chosen = healthiest_then_lowest_tv(rows, "travel", list(TRAVEL_SWEEP), lambda v: v)
+    return {"rows": rows, "samples": samples, "scale": scale, "travel": chosen}
 
 
 def stage_label(stage: Optional[int]) -> str:
@@ -861,6 +903,37 @@ def staging_section(sweep: Optional[dict]) -> list[str]:
     return lines
 
 
+def travel_section(sweep: Optional[dict]) -> list[str]:
+    """The lines of the time-travel sweep (how many repeats per step); none when no travel row ran."""
+    if not sweep:
+        return []
+    tuning = "; ".join(f"{t['name']} ({' + '.join(f'{k} {o}' for _, k, o in t['conditions'])})" for t in TRAVEL_TUNING)
+    lines = ["### Time travel (the repeats chosen on held-out scenarios)", "",
+             "The `travel` rows repeat every guided step (FreeDoM's time travel, each condition's `time_travel` in a "
+             "recipe): after the step to t', x_t' is taken back to level t by the forward process (fresh noise) and the "
+             "step is taken again, so the guidance acts several times per level while the noise undoes what it gets "
+             "wrong; each repeat costs one more step's work. "
+             + ("The count is given on the command line (`--travel`): no sweep." if not sweep.get("rows") else
+                f"Held-out scenarios: {tuning}; {sweep.get('samples', '?')} samples per run (seeds 80000..) at scale "
+                f"{sweep.get('scale', '?')}, with {', '.join(TRAVEL_METHODS)}, over {list(TRAVEL_SWEEP)} repeats. Rule: "
+                "the fewest unhealthy runs, then the lowest mean TV distance, values within 0.01 of it tied (sampling "
+                "noise), ties to the fewest repeats."),
+             "", f"Chosen: **{sweep.get('travel')} repeat(s) per step**.", ""]
+    if sweep.get("rows"):
+        rows = sweep["rows"]
+        columns = list(dict.fromkeys((r["scenario"], r["method"]) for r in rows))
+        lines += ["| repeats | " + " | ".join(f"{sc} {m}" for sc, m in columns) + " | mean TV | unhealthy runs |",
+                  "|---|" + "---|" * (len(columns) + 2)]
+        for v in dict.fromkeys(r["travel"] for r in rows):
+            mine = {(r["scenario"], r["method"]): r for r in rows if r["travel"] == v}
+            cells = [f"{mine[c]['tv_all']:.2f} (j {mine[c]['joint']:.2f}, m {mine[c]['on_manifold']:.2f})"
+                     if c in mine else "-" for c in columns]
+            lines.append(f"| {v} | " + " | ".join(cells) + f" | {np.mean([r['tv_all'] for r in mine.values()]):.3f} | "
+                         f"{sum(not r['healthy'] for r in mine.values())} |")
+        lines += ["", "Cells: TV distance (j = joint satisfaction, m = on-manifold rate).", ""]
+    return lines
+
+
 FLOW_NOTE = (" as a flow-matching model (`--model shapes-flow`: exact velocity, x_s = (1 - s) x0 + s eps, "
              "sampled in VP coordinates; docs/method.md, Flow matching)")
 
@@ -882,7 +955,8 @@ def page_section(args, meta: dict, scale, sweep_rows, results, scenarios, figure
         f"scenario says DDIM; {args.seeds_sets} seed sets of {len(seed_sets(args.samples, args.seeds_sets)[0])} samples "
         f"each (seeds 0.., 1000.., 2000.., ...; the same seeds for every method), so {args.samples // args.seeds_sets * args.seeds_sets} "
         "samples per method and scenario. Figures in tables: mean over the seed sets [min, max over the seed sets]. "
-        "Every condition is active at every step (no window, no time travel), except in the `staged` rows.",
+        "Every condition is active at every step (no window, no time travel), except in the `staged` and `travel` "
+        "rows.",
         "",
     ]
     if meta.get("combiners"):
@@ -946,6 +1020,7 @@ def page_section(args, meta: dict, scale, sweep_rows, results, scenarios, figure
         lines += [f"Given on the command line: adaptive rule, scale {scale} for every condition and method (no sweep).", ""]
     lines += defaults_section(meta.get("defaults_sweep"))
     lines += staging_section(meta.get("staging_sweep"))
+    lines += travel_section(meta.get("travel_sweep"))
     ran = list(dict.fromkeys(m for methods in results.values() for m in methods))
     helps = {**METHOD_HELP, **meta.get("method_help", {})}
     lines += ["### Methods", ""] + [f"- `{m}`: {helps.get(m, 'not described')}" for m in ran] + [""]
@@ -1031,6 +1106,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="the appearance conditions of the `staged` rows guide for t <= T (default: chosen by a sweep "
                         "on held-out scenarios)")
     p.add_argument("--staging-samples", type=positive_int, default=64, help="samples per run of the staging sweep (default 64)")
+    p.add_argument("--travel", type=non_negative_int, default=None, metavar="K",
+                   help="time-travel repeats per step of the `travel` rows (default: chosen by a sweep on held-out "
+                        "scenarios)")
+    p.add_argument("--travel-samples", type=positive_int, default=64,
+                   help="samples per run of the time-travel sweep (default 64)")
     p.add_argument("--scenarios", nargs="*", default=None, help="names of the scenarios to run (default all)")
     p.add_argument("--methods", nargs="*", default=None, help="restrict the methods (default: each scenario's list)")
     p.add_argument("--combiners", default=None, metavar="NAME[:K=V...],...",
@@ -1152,6 +1232,15 @@ def main(argv: list[str]) -> int:
             log(f"staging sweep: {stage_label(stage)}")
         else:
             meta["staging_sweep"] = {"stage": stage}
+    travel = args.travel
+    if any(m.endswith(TRAVEL) for methods, _ in plans.values() for m, _ in methods):
+        if travel is None:
+            travels = travel_sweep(world, args.travel_samples, args.steps, args.batch_size, scale, log)
+            travel = travels["travel"]
+            meta["travel_sweep"] = travels
+            log(f"travel sweep: {travel} repeat(s) per step")
+        else:
+            meta["travel_sweep"] = {"travel": travel}
     sets = seed_sets(args.samples, args.seeds_sets)
     results: dict[str, dict[str, list[dict]]] = {}
     tuned: dict = {}
@@ -1167,9 +1256,10 @@ def main(argv: list[str]) -> int:
         for method, factory in methods:
             runs = []
             staged = stage if method.endswith(STAGED) else None
+            repeats = travel if method.endswith(TRAVEL) else 0
             for seeds in sets:
                 runs.append(run_method(world, sc, method, seeds, scale, args.steps, args.batch_size, factory,
-                                       stage=staged))
+                                       stage=staged, travel=repeats))
             results[sc["name"]][method] = runs
             if args.tuned and method in tuned["methods"]:  # the same method again at its own tuned scale
                 own = tuned["methods"][method]["scale"]

@@ -1,0 +1,78 @@
+"""Time travel in the quality benchmark: the `travel` rows repeat every guided step, the number of repeats
+chosen by a sweep on held-out scenarios."""
+import json
+
+import pytest
+
+from zmagic_core.app.bench import quality
+from zmagic_core.method.combiners import CAGradCombiner, SumCombiner
+from zmagic_core.models.shapes import ShapesModel
+
+
+class Counting(SumCombiner):
+    """Sum, counting its calls per timestep."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def combine(self, step):
+        self.calls[step.t] = self.calls.get(step.t, 0) + 1
+        return super().combine(step)
+
+
+@pytest.mark.parametrize("travel", [0, 2])
+def test_a_travel_run_takes_every_guided_step_one_more_time_per_repeat(travel):
+    scenario = next(s for s in quality.SCENARIOS if s["name"] == "4 conditions")
+    calls: dict = {}
+    run = quality.run_method(ShapesModel(32), scenario, "sum travel", [0, 1], 0.5, 6, 2, lambda: Counting(calls),
+                             travel=travel)
+    assert len(calls) == 6 and set(calls.values()) == {1 + travel}
+    assert run["finite_samples"] == 2
+
+
+def test_travel_labels_build_the_plain_combiner_and_run_on_the_three_and_four_condition_sets():
+    assert isinstance(quality.make_combiner("cagrad c=0 travel"), CAGradCombiner)
+    assert quality.make_combiner("cagrad c=0 travel").c == 0.0
+    assert type(quality.make_combiner("sum travel")) is SumCombiner
+    with_travel = {sc["name"] for sc in quality.SCENARIOS if any(m.endswith(quality.TRAVEL) for m in sc.get("methods", []))}
+    assert with_travel == {"3 conditions", "4 conditions"}
+    assert all(m in quality.METHOD_HELP for m in ("sum travel", "cagrad c=0 travel"))
+    reported = {str(sc["conditions"]) for sc in quality.SCENARIOS}
+    assert not any(str(sc["conditions"]) in reported for sc in quality.TRAVEL_TUNING)  # held out
+
+
+def test_the_travel_sweep_picks_by_health_then_tv_then_the_fewest_repeats(monkeypatch):
+    """The rule on made-up runs whose TV depends on the number of repeats."""
+    def sweep(tv, unhealthy=()):
+        def fake_run(world, scenario, method, seeds, scale, steps, batch_size, combiner=None, order=None, stage=None,
+                     travel=0):
+            return {"tv_all": tv[travel], "joint": 0.5, "on_manifold": 0.9 if travel in unhealthy else 1.0,
+                    "fallbacks": 0, "nonfinite_steps": 0, "cpu_seconds": 0.0}
+        monkeypatch.setattr(quality, "run_method", fake_run)
+        return quality.travel_sweep(None, 4, 5, 4, 0.5, lambda line: None)
+
+    assert sweep({0: 0.6, 1: 0.3, 2: 0.5})["travel"] == 1
+    assert sweep({0: 0.6, 1: 0.3, 2: 0.5}, unhealthy=(1,))["travel"] == 2  # lowest TV, but off the manifold
+    assert sweep({0: 0.6, 1: 0.305, 2: 0.3})["travel"] == 1  # tied: the fewest repeats
+    assert sweep({0: 0.3, 1: 0.295, 2: 0.5})["travel"] == 0
+    out = sweep({0: 0.6, 1: 0.3, 2: 0.5})
+    assert len(out["rows"]) == len(quality.TRAVEL_SWEEP) * len(quality.TRAVEL_TUNING) * len(quality.TRAVEL_METHODS)
+    page = "\n".join(quality.travel_section(out))
+    assert "Chosen: **1 repeat(s) per step**" in page and "| 1 | 0.30 (j 0.50, m 1.00) |" in page
+    assert "| 1 |" in page and "| mean TV | unhealthy runs |" in page
+
+
+def test_a_run_without_travel_rows_has_no_travel_section_and_a_given_count_skips_the_sweep(tmp_path, monkeypatch):
+    assert quality.travel_section(None) == []
+    monkeypatch.setattr(quality, "travel_sweep", lambda *a, **k: pytest.fail("--travel given: no sweep"))
+    out = tmp_path / "report"
+    argv = ["--samples", "2", "--seeds-sets", "1", "--steps", "4", "--scale", "0.5", "--scenarios", "4 conditions",
+            "--methods", "sum", "sum travel", "--travel", "1", "--out", str(out)]
+    assert quality.main(argv) == 0
+    page = (out / "benchmarks.md").read_text()
+    assert "`--travel`): no sweep" in page and "Chosen: **1 repeat(s) per step**" in page
+    assert "| sum travel |" in page
+    results = json.loads((out / "benchmarks" / "quality.json").read_text())
+    assert results["meta"]["travel_sweep"] == {"travel": 1}
+    runs = results["results"]["4 conditions"]
+    assert runs["sum travel"][0]["tv_all"] is not None and runs["sum"][0]["seeds"] == runs["sum travel"][0]["seeds"]
