@@ -76,3 +76,28 @@ def test_a_run_without_travel_rows_has_no_travel_section_and_a_given_count_skips
     assert results["meta"]["travel_sweep"] == {"travel": 1}
     runs = results["results"]["4 conditions"]
     assert runs["sum travel"][0]["tv_all"] is not None and runs["sum"][0]["seeds"] == runs["sum travel"][0]["seeds"]
+
+
+def test_the_flow_travel_example_recipe_repeats_every_step():
+    """examples/shapes/flow-four-conditions-travel.yaml, as a user runs it: every step taken twice."""
+    from pathlib import Path
+
+    from zmagic_core.assembly.build import build_pipeline, load_recipe
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "shapes" / "flow-four-conditions-travel.yaml"
+    pipe = build_pipeline(load_recipe(path, ["solver.steps=5"]))
+    calls: dict = {}
+    inner = pipe.combiner
+
+    class Counted:  # the recipe's combiner, counting its calls per timestep
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def combine(self, step):
+            calls[step.t] = calls.get(step.t, 0) + 1
+            return inner.combine(step)
+
+    pipe.combiner = Counted()
+    result = pipe.run([0, 1], batch_size=2, progress=False)
+    assert len(calls) == 5 and set(calls.values()) == {2}
+    assert not result.errors and len(result.trace[0]) == 5
