@@ -295,3 +295,11 @@ def test_t5_off_is_refused_on_flux(dirs):
 
     with pytest.raises(ConfigError, match="t5: false is for sd3 only"):
         build(dirs["flux"], t5=False)
+
+
+@pytest.mark.parametrize("family,other", [("sd3", "flux"), ("flux", "sd3")])
+def test_a_family_the_folder_contradicts_is_refused_naming_both(dirs, family, other):
+    from zmagic_core.contracts.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"family: {other}, but .* is a {family} pipeline .*give family: {family}"):
+        build(dirs[family], family=other)

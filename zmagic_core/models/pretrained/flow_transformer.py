@@ -396,6 +396,10 @@ def build_flow_transformer(context: BuildContext, **options) -> FlowTransformerM
 
     index = read_json(source, "model_index.json")
     family = opts.family or detect_family(source, index)
+    named = FAMILIES.get((index or {}).get("_class_name"))
+    if named is not None and named != family:  # diffusers would fail deep in loading the other family's parts
+        raise ConfigError(f"model.options.family: {family}, but {source.name!r} is a {named} pipeline (its "
+                          f"model_index.json names {index['_class_name']}); give family: {named} or leave it out")
     if family == "flux" and not opts.t5:  # FLUX's prompt goes through T5 only: without it there is none
         raise ConfigError("model.options.t5: false is for sd3 only; FLUX encodes the prompt with its T5")
     dtype = parse_dtype(opts.dtype, context.dtype)
