@@ -118,3 +118,20 @@ def test_weights_do_not_depend_on_what_was_solved_before():
     backward = [cagrad_weights_batch(k, 0.5) for k in grams[::-1]][::-1]
     for a, b in zip(forward, backward):
         np.testing.assert_array_equal(a, b)
+
+
+def test_each_samples_trace_shows_its_pair_weights():
+    """CAGrad's w* per sample and step reaches the trace, one entry per ordered pair, named by the conditions."""
+    from zmagic_core.assembly.build import build_pipeline, load_recipe
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "examples" / "shapes" / "three-conditions.yaml"
+    pipe = build_pipeline(load_recipe(recipe, ["solver.steps=3"]))
+    result = pipe.run([0, 1], batch_size=2, progress=False)
+    for sample in result.trace:
+        for rec in sample:
+            active = list(rec["grad_norm"])  # the style condition stops at t = 100
+            weights = {k: v for k, v in rec.items() if k.startswith("w(")}
+            assert set(weights) == {f"w({a}>{b})" for a in active for b in active if a != b}
+            assert min(weights.values()) >= -1e-6 and abs(sum(weights.values()) - 1.0) < 1e-4
+    assert any(len(rec["grad_norm"]) == 3 for rec in result.trace[0])

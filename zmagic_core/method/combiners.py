@@ -355,4 +355,8 @@ class CAGradCombiner(Combiner):
         d, w = cagrad_directions(per_sample, self.c, self.rescale)
         if self.stack_limit.lowered:  # the trace shows from which step on the points went in smaller calls
             info["stack"] = torch.full((d.shape[0],), float(self.stack_limit.size), device=d.device)
-        return Combined(d.view_as(grads[0]), {"pairs": pairs, "weights": w.tolist(), **info})
+        names = [c.name for c in step.conditions]
+        weights = torch.as_tensor(w, dtype=torch.float64)
+        # one (B,) entry per pair, so each sample's trace shows which pairs its direction leaned on
+        per_pair = {f"w({names[i]}>{names[j]})": weights[:, p] for p, (i, j) in enumerate(pairs)}
+        return Combined(d.view_as(grads[0]), {"pairs": pairs, "weights": w.tolist(), **per_pair, **info})
