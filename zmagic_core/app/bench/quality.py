@@ -890,16 +890,22 @@ def staging_section(sweep: Optional[dict]) -> list[str]:
         "",
     ]
     if sweep.get("rows"):
-        rows = sweep["rows"]
-        columns = list(dict.fromkeys((r["scenario"], r["method"]) for r in rows))
-        lines += ["| start | " + " | ".join(f"{sc} {m}" for sc, m in columns) + " | mean TV | unhealthy runs |",
-                  "|---|" + "---|" * (len(columns) + 2)]
-        for v in dict.fromkeys(r["stage"] for r in rows):
-            mine = {(r["scenario"], r["method"]): r for r in rows if r["stage"] == v}
-            cells = [f"{mine[c]['tv_all']:.2f} (j {mine[c]['joint']:.2f})" if c in mine else "-" for c in columns]
-            lines.append(f"| {v} | " + " | ".join(cells) + f" | {np.mean([r['tv_all'] for r in mine.values()]):.3f} | "
-                         f"{sum(not r['healthy'] for r in mine.values())} |")
+        lines += sweep_table(sweep["rows"], "stage", "start", lambda r: f"{r['tv_all']:.2f} (j {r['joint']:.2f})")
         lines += ["", "Cells: TV distance (j = joint satisfaction).", ""]
+    return lines
+
+
+def sweep_table(rows: list[dict], key: str, title: str, cell: Callable[[dict], str]) -> list[str]:
+    """A sweep's table: one line per value of ``key``, one column per (scenario, method), then the mean TV
+    and the number of unhealthy runs."""
+    columns = list(dict.fromkeys((r["scenario"], r["method"]) for r in rows))
+    lines = [f"| {title} | " + " | ".join(f"{sc} {m}" for sc, m in columns) + " | mean TV | unhealthy runs |",
+             "|---|" + "---|" * (len(columns) + 2)]
+    for v in dict.fromkeys(r[key] for r in rows):
+        mine = {(r["scenario"], r["method"]): r for r in rows if r[key] == v}
+        cells = [cell(mine[c]) if c in mine else "-" for c in columns]
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {np.mean([r['tv_all'] for r in mine.values()]):.3f} | "
+                     f"{sum(not r['healthy'] for r in mine.values())} |")
     return lines
 
 
@@ -920,16 +926,8 @@ def travel_section(sweep: Optional[dict]) -> list[str]:
                 "noise), ties to the fewest repeats."),
              "", f"Chosen: **{sweep.get('travel')} repeat(s) per step**.", ""]
     if sweep.get("rows"):
-        rows = sweep["rows"]
-        columns = list(dict.fromkeys((r["scenario"], r["method"]) for r in rows))
-        lines += ["| repeats | " + " | ".join(f"{sc} {m}" for sc, m in columns) + " | mean TV | unhealthy runs |",
-                  "|---|" + "---|" * (len(columns) + 2)]
-        for v in dict.fromkeys(r["travel"] for r in rows):
-            mine = {(r["scenario"], r["method"]): r for r in rows if r["travel"] == v}
-            cells = [f"{mine[c]['tv_all']:.2f} (j {mine[c]['joint']:.2f}, m {mine[c]['on_manifold']:.2f})"
-                     if c in mine else "-" for c in columns]
-            lines.append(f"| {v} | " + " | ".join(cells) + f" | {np.mean([r['tv_all'] for r in mine.values()]):.3f} | "
-                         f"{sum(not r['healthy'] for r in mine.values())} |")
+        lines += sweep_table(sweep["rows"], "travel", "repeats",
+                             lambda r: f"{r['tv_all']:.2f} (j {r['joint']:.2f}, m {r['on_manifold']:.2f})")
         lines += ["", "Cells: TV distance (j = joint satisfaction, m = on-manifold rate).", ""]
     return lines
 
@@ -1223,24 +1221,20 @@ def main(argv: list[str]) -> int:
         defaults = defaults_sweep(world, args.defaults_samples, args.steps, args.batch_size, scale, log)
         meta["defaults_sweep"] = {"samples": args.defaults_samples, **defaults}
         log(f"defaults sweep: bound {defaults['bound']}, project {defaults['project']}, rescale {defaults['rescale']}")
-    stage = args.staged_start
-    if any(m.endswith(STAGED) for methods, _ in plans.values() for m, _ in methods):
-        if stage is None:
-            staging = staging_sweep(world, args.staging_samples, args.steps, args.batch_size, scale, log)
-            stage = staging["stage"]
-            meta["staging_sweep"] = staging
-            log(f"staging sweep: {stage_label(stage)}")
-        else:
-            meta["staging_sweep"] = {"stage": stage}
-    travel = args.travel
-    if any(m.endswith(TRAVEL) for methods, _ in plans.values() for m, _ in methods):
-        if travel is None:
-            travels = travel_sweep(world, args.travel_samples, args.steps, args.batch_size, scale, log)
-            travel = travels["travel"]
-            meta["travel_sweep"] = travels
-            log(f"travel sweep: {travel} repeat(s) per step")
-        else:
-            meta["travel_sweep"] = {"travel": travel}
+    def row_option(suffix, given, meta_key, key, sweep, describe):
+        """A row family's setting (staged start, time-travel repeats): given, or chosen by its sweep when a
+        scenario runs such rows; recorded in meta[meta_key]."""
+        if not any(m.endswith(suffix) for methods, _ in plans.values() for m, _ in methods):
+            return given
+        meta[meta_key] = {key: given} if given is not None else sweep()
+        if given is None:
+            log(f"{meta_key.replace('_', ' ')}: {describe(meta[meta_key][key])}")
+        return meta[meta_key][key]
+
+    stage = row_option(STAGED, args.staged_start, "staging_sweep", "stage", lambda: staging_sweep(
+        world, args.staging_samples, args.steps, args.batch_size, scale, log), stage_label)
+    travel = row_option(TRAVEL, args.travel, "travel_sweep", "travel", lambda: travel_sweep(
+        world, args.travel_samples, args.steps, args.batch_size, scale, log), lambda v: f"{v} repeat(s) per step")
     sets = seed_sets(args.samples, args.seeds_sets)
     results: dict[str, dict[str, list[dict]]] = {}
     tuned: dict = {}
