@@ -100,6 +100,27 @@ def test_non_finite_guidance_falls_back_per_sample(world, combiner):
     assert all(rec["disabled"] == ["nan"] for rec in r.trace[1])
 
 
+class NaNOnFirstPass(Energy):
+    """Non-finite on the first of every two calls: under one time-travel repeat, the first pass of each step."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images):
+        self.calls += 1
+        e = images.pow(2).mean(dim=(1, 2, 3))
+        return e * float("nan") if self.calls % 2 == 1 else e
+
+
+def test_a_problem_of_an_earlier_time_travel_pass_is_reported(world):
+    c = [Condition("flaky", NaNOnFirstPass(), "constant", 1.0, time_travel=1), conds(world)[1]]
+    r = Pipeline(world, DDPMSolver(), SumCombiner(), c, steps=4).run([0, 1], batch_size=2, progress=False)
+    assert torch.isfinite(r.samples).all()
+    for trace in r.trace:  # the last pass of every step was fine; the first was not, and says so
+        assert all(rec["disabled"] == ["flaky"] and rec["fallback"] == "sum-of-finite" for rec in trace)
+
+
 class FlakyModel(ShapesModel):
     """Fails whenever the batch holds the sample with seed 2's starting noise."""
 

@@ -117,13 +117,16 @@ class Pipeline:
             abar_t, abar_next = self.schedule.abar(t), self.schedule.abar(t_next)
             active = [c for c in self.conditions if c.active(t)]
             repeats = max([c.time_travel for c in active], default=0)
+            passes = []
             for r in range(repeats + 1):
                 z = noise.draw() if t_next >= 0 else torch.zeros_like(x)  # no noise on the final step
                 x_next, record = self._step(x, t, t_next, abar_t, abar_next, z, active)
+                passes.append(record)
                 if self.solver.corrector_steps and t_next >= 0:
                     x_next = self._correct(x_next, t_next, abar_next, noise)
                 if r < repeats:  # time travel: back to level t, then redo the step
                     x = Schedule.renoise(x_next, noise.draw(), abar_t, abar_next)
+            record = _with_earlier_problems(passes)
             x = x_next.detach()
             for b, rec in enumerate(record):
                 trace[b].append({"step": i, "t": t, **rec})
@@ -209,6 +212,19 @@ def failure_message(exc: BaseException) -> str:
     """A failed sample's one line: the error, and for running out of memory what lowers it."""
     text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
     return f"{text} [{MEMORY_HINT}]" if isinstance(exc, torch.OutOfMemoryError) else text
+
+
+def _with_earlier_problems(passes: list[list[dict]]) -> list[dict]:
+    """A step's records: the last pass's, keeping a fallback or a disabled condition of an earlier time-travel
+    pass (a problem of any pass is reported, not only the last one's)."""
+    last = passes[-1]
+    for earlier in passes[:-1]:
+        for rec, before in zip(last, earlier):
+            if "fallback" in before:
+                rec.setdefault("fallback", before["fallback"])
+            if "disabled" in before:
+                rec["disabled"] = sorted(set(rec.get("disabled", [])) | set(before["disabled"]))
+    return last
 
 
 def _finite_or_fallback(guidance: torch.Tensor, grads: list) -> tuple[torch.Tensor, list]:
