@@ -135,3 +135,5 @@ def test_each_samples_trace_shows_its_pair_weights():
             assert set(weights) == {f"w({a}>{b})" for a in active for b in active if a != b}
             assert min(weights.values()) >= -1e-6 and abs(sum(weights.values()) - 1.0) < 1e-4
     assert any(len(rec["grad_norm"]) == 3 for rec in result.trace[0])
+    mean = build_pipeline(load_recipe(recipe, ["solver.steps=2", "combiner.c=0"])).run([0], progress=False)
+    assert not any(k.startswith("w(") for rec in mean.trace[0] for k in rec)  # c = 0: every weight 1/m, not traced

@@ -101,3 +101,13 @@ def test_the_flow_travel_example_recipe_repeats_every_step():
     result = pipe.run([0, 1], batch_size=2, progress=False)
     assert len(calls) == 5 and set(calls.values()) == {2}
     assert not result.errors and len(result.trace[0]) == 5
+
+
+def test_row_suffixes_combine_in_any_order_and_a_count_for_no_row_is_reported(tmp_path, capsys):
+    assert quality.split_label("cagrad c=0 travel staged") == ("cagrad c=0", {quality.STAGED, quality.TRAVEL})
+    assert quality.split_label("sum staged travel") == ("sum", {quality.STAGED, quality.TRAVEL})
+    assert quality.make_combiner("cagrad c=0.5 travel staged").c == 0.5
+    argv = ["--samples", "2", "--seeds-sets", "1", "--steps", "3", "--scale", "0.5", "--scenarios", "attr+mask",
+            "--methods", "sum", "--travel", "1", "--out", str(tmp_path / "report")]
+    assert quality.main(argv) == 0
+    assert "--travel 1 has no effect: no travel row runs on the chosen scenarios and methods" in capsys.readouterr().out

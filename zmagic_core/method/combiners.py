@@ -357,6 +357,6 @@ class CAGradCombiner(Combiner):
             info["stack"] = torch.full((d.shape[0],), float(self.stack_limit.size), device=d.device)
         names = [c.name for c in step.conditions]
         weights = torch.as_tensor(w, dtype=torch.float64)
-        # one (B,) entry per pair, so each sample's trace shows which pairs its direction leaned on
-        per_pair = {f"w({names[i]}>{names[j]})": weights[:, p] for p, (i, j) in enumerate(pairs)}
+        # one (B,) entry per pair, so each sample's trace shows which pairs its direction leaned on (c = 0: all 1/m)
+        per_pair = {f"w({names[i]}>{names[j]})": weights[:, p] for p, (i, j) in enumerate(pairs)} if self.c else {}
         return Combined(d.view_as(grads[0]), {"pairs": pairs, "weights": w.tolist(), **per_pair, **info})

@@ -301,5 +301,19 @@ def test_t5_off_is_refused_on_flux(dirs):
 def test_a_family_the_folder_contradicts_is_refused_naming_both(dirs, family, other):
     from zmagic_core.contracts.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=f"family: {other}, but .* is a {family} pipeline .*give family: {family}"):
+    with pytest.raises(ConfigError, match=f"family: {other}, but .* is a {family} pipeline .*model_index.json.*give "
+                                          f"family: {family}"):
         build(dirs[family], family=other)
+
+
+def test_a_family_the_transformer_config_contradicts_is_refused(dirs, tmp_path):
+    import shutil
+
+    from zmagic_core.contracts.errors import ConfigError
+
+    folder = tmp_path / "no-index"
+    shutil.copytree(dirs["flux"], folder)
+    (folder / "model_index.json").unlink()  # only the transformer's config says which family it is
+    with pytest.raises(ConfigError, match="family: sd3, but .* is a flux pipeline .*transformer/config.json names "
+                                          "FluxTransformer2DModel"):
+        build(folder, family="sd3")

@@ -1,7 +1,8 @@
 """`zmagic bench quality`: every combiner on fixed shapes-world scenarios, against the exact oracle.
 
     zmagic bench quality --out docs              # the full run (docs/benchmarks.md, docs/benchmarks/)
-    zmagic bench quality --quick --out /tmp/b    # a few minutes: fewer samples and steps
+    zmagic bench quality --quick --out /tmp/b    # ~30 min on 2 CPU cores, 25 of them the held-out sweeps
+    zmagic bench quality --quick --scale 0.5 --staged-start 600 --travel 1 --out /tmp/b   # no sweep: ~5 min
     zmagic bench quality --samples 8 --steps 10 --scale 0.25 --scenarios attr+mask --out /tmp/q
     zmagic bench quality --combiners sum,cagrad:c=0.8,my-combiner   # combiners by registry name
     zmagic bench quality --replot --out docs     # no sampling: figures and section from quality.json
@@ -63,6 +64,7 @@ BAND_NAMES = ("[1000,700)", "[700,400)", "[400,100)", "[100,0]")
 
 STAGED = " staged"  # a label's suffix: the appearance conditions start late (see STAGE_SWEEP)
 TRAVEL = " travel"  # a label's suffix: every step is repeated with time travel (FreeDoM's; see TRAVEL_SWEEP)
+ROW_SUFFIXES = (STAGED, TRAVEL)  # they change the run's conditions, not the combiner; any order
 LAYOUT_KINDS = ("mask", "keypoints")  # where the shape is: guided from the first step in a staged run
 TWO_CONDITION_METHODS = ["none", "sum", "dep 1>2", "dep 2>1", "dep-noH 1>2", "dep-noH 2>1", "dep 1>2 autograd",
                          "dep 1>2 paper", "cagrad c=0", "cagrad c=0.5", "oracle"]
@@ -193,7 +195,7 @@ METHOD_HELP = {
     **{m: f"`{m[:-len(STAGED)]}` with the appearance conditions (attribute, style) guiding only from the staged start "
           "down (section 'Staged guidance'), the layout ones (mask, keypoints) from the first step" for m in STAGED_METHODS},
     **{m: f"`{m[:-len(TRAVEL)]}` with time travel: every step repeated (back to level t by the forward process, then "
-          "stepped again) as many times as the sweep of section 'Time travel' chose, for every condition"
+          "stepped again) as many times as section 'Time travel' says, for every condition"
        for m in ("sum travel", "cagrad c=0 travel")},
 }
 
@@ -210,10 +212,19 @@ def build_energy(world: ShapesModel, kind: str, options: dict):
     raise ValueError(kind)
 
 
+def split_label(method: str) -> tuple[str, set[str]]:
+    """A label's combiner part and its row suffixes (ROW_SUFFIXES, in any order): 'sum travel staged' ->
+    ('sum', {' staged', ' travel'})."""
+    found: set[str] = set()
+    while suffix := next((s for s in ROW_SUFFIXES if method.endswith(s)), None):
+        method, found = method[:-len(suffix)], found | {suffix}
+    return method, found
+
+
 def make_combiner(method: str, **options) -> Combiner:
     """The built-in labels: 'sum', 'dep[-noH] 1>2|2>1 [autograd|paper]', 'cagrad c=X [autograd|paper]' (a ' staged'
     suffix changes the conditions' windows and a ' travel' suffix their repeats, not the combiner)."""
-    method = method.removesuffix(TRAVEL).removesuffix(STAGED)
+    method = split_label(method)[0]
     if method in ("none", "oracle", "sum"):
         return SumCombiner()
     words = method.split()
@@ -872,7 +883,7 @@ def staging_section(sweep: Optional[dict]) -> list[str]:
     """The lines of the staging sweep (when the appearance conditions start); none when no staged row ran."""
     if not sweep:
         return []
-    lines = ["### Staged guidance: layout first (the start chosen on held-out scenarios)", ""]
+    lines = ["### Staged guidance: layout first", ""]
     tuning = "; ".join(f"{t['name']} ({' + '.join(f'{k} {o}' for _, k, o in t['conditions'])})" for t in STAGE_TUNING)
     chosen = sweep.get("stage", "given on the command line")
     lines += [
@@ -914,7 +925,7 @@ def travel_section(sweep: Optional[dict]) -> list[str]:
     if not sweep:
         return []
     tuning = "; ".join(f"{t['name']} ({' + '.join(f'{k} {o}' for _, k, o in t['conditions'])})" for t in TRAVEL_TUNING)
-    lines = ["### Time travel (the repeats chosen on held-out scenarios)", "",
+    lines = ["### Time travel: repeats per step", "",
              "The `travel` rows repeat every guided step (FreeDoM's time travel, each condition's `time_travel` in a "
              "recipe): after the step to t', x_t' is taken back to level t by the forward process (fresh noise) and the "
              "step is taken again, so the guidance acts several times per level while the noise undoes what it gets "
@@ -967,10 +978,11 @@ def page_section(args, meta: dict, scale, sweep_rows, results, scenarios, figure
     else:
         lines += [
             "Reduced to fit a 2-core CPU: CAGrad with c = 0.8 and CAGrad's exact modes run only on the first "
-            "scenario (and the exact ones on the 3-condition set); the DDIM scenario runs one order of the dependent "
-            "combiner and one CAGrad; the 3-condition set runs sum and CAGrad c = 0.5, the 4-condition set sum and "
-            "CAGrad c = 0 (12 pair gradients per step); the dependent combiner takes exactly two conditions, so it "
-            "is absent there. Every combiner runs at its defaults unless its label says otherwise (`autograd`: the "
+            "scenario (the exact ones also on the 3-condition set); the DDIM scenario runs one order of the dependent "
+            "combiner and one CAGrad; the 3- and 4-condition sets run sum and CAGrad with c = 0 and 0.5 (6 and 12 pair "
+            "gradients per step), and the `travel` rows of sum and CAGrad c = 0; the dependent combiner takes exactly "
+            "two conditions, so it is absent there; `staged` rows run where layout and appearance conditions meet. "
+            "Every combiner runs at its defaults unless its label says otherwise (`autograd`: the "
             "exact product; `paper`: the paper's exact update, no bound)."
             + (f" The sweep uses {meta.get('sweep_samples', 32)} samples per run and one seed set." if sweep_rows else ""),
             "",
@@ -1092,7 +1104,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seeds-sets", type=positive_int, default=None, help="disjoint seed sets the samples are split into (default 4; --quick 2)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default 100; --quick 50)")
     p.add_argument("--quick", action="store_true",
-                   help="a few minutes on 2 CPU cores: 32 samples in 2 seed sets, 50 steps, 16 samples per sweep run")
+                   help="32 samples in 2 seed sets, 50 steps, 16 samples per scale/defaults sweep run (~30 min on 2 CPU "
+                        "cores, most of it the held-out sweeps, which --scale, --staged-start and --travel skip)")
     p.add_argument("--scale", type=positive_float, default=None, help="adaptive scale for every condition (skips the sweep)")
     p.add_argument("--sweep-samples", type=positive_int, default=None, help="samples per sweep run (default 32; --quick 16)")
     p.add_argument("--defaults-sweep", action="store_true",
@@ -1221,19 +1234,22 @@ def main(argv: list[str]) -> int:
         defaults = defaults_sweep(world, args.defaults_samples, args.steps, args.batch_size, scale, log)
         meta["defaults_sweep"] = {"samples": args.defaults_samples, **defaults}
         log(f"defaults sweep: bound {defaults['bound']}, project {defaults['project']}, rescale {defaults['rescale']}")
-    def row_option(suffix, given, meta_key, key, sweep, describe):
+
+    def row_option(suffix, given, flag, meta_key, key, sweep, describe):
         """A row family's setting (staged start, time-travel repeats): given, or chosen by its sweep when a
         scenario runs such rows; recorded in meta[meta_key]."""
-        if not any(m.endswith(suffix) for methods, _ in plans.values() for m, _ in methods):
+        if not any(suffix in split_label(m)[1] for methods, _ in plans.values() for m, _ in methods):
+            if given is not None:
+                log(f"{flag} {given} has no effect: no{suffix} row runs on the chosen scenarios and methods")
             return given
         meta[meta_key] = {key: given} if given is not None else sweep()
         if given is None:
             log(f"{meta_key.replace('_', ' ')}: {describe(meta[meta_key][key])}")
         return meta[meta_key][key]
 
-    stage = row_option(STAGED, args.staged_start, "staging_sweep", "stage", lambda: staging_sweep(
+    stage = row_option(STAGED, args.staged_start, "--staged-start", "staging_sweep", "stage", lambda: staging_sweep(
         world, args.staging_samples, args.steps, args.batch_size, scale, log), stage_label)
-    travel = row_option(TRAVEL, args.travel, "travel_sweep", "travel", lambda: travel_sweep(
+    travel = row_option(TRAVEL, args.travel, "--travel", "travel_sweep", "travel", lambda: travel_sweep(
         world, args.travel_samples, args.steps, args.batch_size, scale, log), lambda v: f"{v} repeat(s) per step")
     sets = seed_sets(args.samples, args.seeds_sets)
     results: dict[str, dict[str, list[dict]]] = {}
@@ -1249,8 +1265,9 @@ def main(argv: list[str]) -> int:
         results[sc["name"]] = {}
         for method, factory in methods:
             runs = []
-            staged = stage if method.endswith(STAGED) else None
-            repeats = travel if method.endswith(TRAVEL) else 0
+            suffixes = split_label(method)[1]
+            staged = stage if STAGED in suffixes else None
+            repeats = travel if TRAVEL in suffixes else 0
             for seeds in sets:
                 runs.append(run_method(world, sc, method, seeds, scale, args.steps, args.batch_size, factory,
                                        stage=staged, travel=repeats))

@@ -375,9 +375,14 @@ def read_json(source, relative: str) -> Optional[dict]:
         raise WeightsNotFoundError(f"{relative} of {source.name!r} is not valid JSON ({exc})") from None
 
 
+def named_classes(source, index: Optional[dict]) -> list[Optional[str]]:
+    """The class names model_index.json and transformer/config.json give (None where absent)."""
+    return [(index or {}).get("_class_name"), (read_json(source, "transformer/config.json") or {}).get("_class_name")]
+
+
 def detect_family(source, index: Optional[dict]) -> str:
     """sd3 or flux from model_index.json's _class_name, else from the transformer config's."""
-    names = [(index or {}).get("_class_name"), (read_json(source, "transformer/config.json") or {}).get("_class_name")]
+    names = named_classes(source, index)
     for name in names:
         if name in FAMILIES:
             return FAMILIES[name]
@@ -396,10 +401,11 @@ def build_flow_transformer(context: BuildContext, **options) -> FlowTransformerM
 
     index = read_json(source, "model_index.json")
     family = opts.family or detect_family(source, index)
-    named = FAMILIES.get((index or {}).get("_class_name"))
-    if named is not None and named != family:  # diffusers would fail deep in loading the other family's parts
-        raise ConfigError(f"model.options.family: {family}, but {source.name!r} is a {named} pipeline (its "
-                          f"model_index.json names {index['_class_name']}); give family: {named} or leave it out")
+    for where, name in zip(("model_index.json", "transformer/config.json"), named_classes(source, index)):
+        named = FAMILIES.get(name)
+        if named is not None and named != family:  # diffusers would fail deep in loading the other family's parts
+            raise ConfigError(f"model.options.family: {family}, but {source.name!r} is a {named} pipeline (its "
+                              f"{where} names {name}); give family: {named} or leave it out")
     if family == "flux" and not opts.t5:  # FLUX's prompt goes through T5 only: without it there is none
         raise ConfigError("model.options.t5: false is for sd3 only; FLUX encodes the prompt with its T5")
     dtype = parse_dtype(opts.dtype, context.dtype)
