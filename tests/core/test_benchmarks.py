@@ -507,3 +507,24 @@ def test_gpu_script_runs_every_case_on_tiny_models_and_prints_its_table(tmp_path
     assert len(table) == len(rows)
     assert all(line.split("|")[6].strip() == "1.00" for line in table if "| sum |" in line)
     assert "cagrad stack=1" in done.stdout
+
+
+def test_cagrad_stage_script_splits_a_step_into_its_stages(tmp_path):
+    """benchmarks/cagrad_stages.py on the tiny UNet: sum's step is its pass at x_t; CAGrad's has the x_hat and
+    difference stages and the solve, and the stages add up to the step."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "cagrad_stages.py"
+    out = tmp_path / "stages.json"
+    done = subprocess.run([sys.executable, str(script), "--model", "tiny-unet", "--size", "16", "--steps", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data["network_per_row"]) == {"1", "3", "6"}
+    sum_case, cagrad = data["cases"]
+    assert sum_case["stages"].get("x_hat points", 0.0) == 0.0 and sum_case["stages"]["pass at x_t"] > 0
+    assert all(cagrad["stages"][k] > 0 for k in ("pass at x_t", "x_hat points", "difference points"))
+    assert abs(sum(cagrad["stages"].values()) - cagrad["seconds_per_step"]) < 1e-9
+    assert "| cagrad |" in done.stdout and "| forward |" in done.stdout
