@@ -517,22 +517,31 @@ def defaults_sweep(world, samples: int, steps: int, batch_size: int, scale: floa
     return out
 
 
+def _setting_runs(world, key: str, values, label: Callable, tuning: list[dict], methods, samples: int, steps: int,
+                  batch_size: int, scale: float, log) -> list[dict]:
+    """Every (value, scenario, method) run of a row family's sweep at the chosen scale: run_method's keyword
+    ``key`` set to each value, the rows labelled ``label(value)``."""
+    seeds = list(range(80_000, 80_000 + samples))
+    rows = []
+    for value in values:
+        for sc in tuning:
+            for method in methods:
+                r = run_method(world, sc, method, seeds, scale, steps, batch_size, **{key: value})
+                rows.append({key: label(value), "scenario": sc["name"], "method": method, "tv_all": r["tv_all"],
+                             "joint": r["joint"], "on_manifold": r["on_manifold"], "healthy": _healthy(r),
+                             "cpu_seconds": r["cpu_seconds"]})
+                log(f"{key} sweep {label(value)} {sc['name']} {method}: TV {r['tv_all']:.3f} joint {r['joint']:.3f} "
+                    f"on-manifold {r['on_manifold']:.3f} ({r['cpu_seconds']:.1f} s cpu)")
+    return rows
+
+
 def staging_sweep(world, samples: int, steps: int, batch_size: int, scale: float, log) -> dict:
     """When the appearance conditions start (``stage``), on STAGE_TUNING with STAGE_METHODS at the chosen scale.
 
     Rule: the fewest unhealthy runs, then the lowest mean TV distance; values within 0.01 of it count as tied
     (sampling noise) and ties go to no staging, then to the earliest start (the least change)."""
-    seeds = list(range(80_000, 80_000 + samples))
-    rows = []
-    for stage in STAGE_SWEEP:
-        for sc in STAGE_TUNING:
-            for method in STAGE_METHODS:
-                r = run_method(world, sc, method, seeds, scale, steps, batch_size, stage=stage)
-                rows.append({"stage": stage_label(stage), "scenario": sc["name"], "method": method,
-                             "tv_all": r["tv_all"], "joint": r["joint"], "on_manifold": r["on_manifold"],
-                             "healthy": _healthy(r)})
-                log(f"staging sweep {stage_label(stage)} {sc['name']} {method}: TV {r['tv_all']:.3f} joint "
-                    f"{r['joint']:.3f} on-manifold {r['on_manifold']:.3f} ({r['cpu_seconds']:.1f} s cpu)")
+    rows = _setting_runs(world, "stage", STAGE_SWEEP, stage_label, STAGE_TUNING, STAGE_METHODS, samples, steps,
+                         batch_size, scale, log)
     labels = [stage_label(v) for v in STAGE_SWEEP]
     chosen = healthiest_then_lowest_tv(rows, "stage", labels, labels.index)  # ties: none, then the earliest start
     return {"rows": rows, "samples": samples, "scale": scale, "stage": STAGE_SWEEP[labels.index(chosen)]}
@@ -542,17 +551,8 @@ def travel_sweep(world, samples: int, steps: int, batch_size: int, scale: float,
     """How many time-travel repeats per step the `travel` rows take, on TRAVEL_TUNING with TRAVEL_METHODS at the
     chosen scale.  Rule: the fewest unhealthy runs, then the lowest mean TV distance; values within 0.01 of it
     count as tied (sampling noise) and ties go to the fewest repeats (the cheapest)."""
-    seeds = list(range(80_000, 80_000 + samples))
-    rows = []
-    for travel in TRAVEL_SWEEP:
-        for sc in TRAVEL_TUNING:
-            for method in TRAVEL_METHODS:
-                r = run_method(world, sc, method, seeds, scale, steps, batch_size, travel=travel)
-                rows.append({"travel": travel, "scenario": sc["name"], "method": method, "tv_all": r["tv_all"],
-                             "joint": r["joint"], "on_manifold": r["on_manifold"], "healthy": _healthy(r),
-                             "cpu_seconds": r["cpu_seconds"]})
-                log(f"travel sweep {travel} {sc['name']} {method}: TV {r['tv_all']:.3f} joint {r['joint']:.3f} "
-                    f"on-manifold {r['on_manifold']:.3f} ({r['cpu_seconds']:.1f} s cpu)")
+    rows = _setting_runs(world, "travel", TRAVEL_SWEEP, lambda v: v, TRAVEL_TUNING, TRAVEL_METHODS, samples, steps,
+                         batch_size, scale, log)
     chosen = healthiest_then_lowest_tv(rows, "travel", list(TRAVEL_SWEEP), lambda v: v)
     return {"rows": rows, "samples": samples, "scale": scale, "travel": chosen}
 
