@@ -54,21 +54,14 @@ class StageClock:
             setattr(module, name, original)
 
 
-def network_per_row(model, batches: list[int], size: int, repeats: int = 2) -> dict:
-    """Forward and backward (x's gradient through eps) CPU seconds per row at each batch size."""
+def network_per_row(model_name: str, model, batches: list[int], size: int) -> dict:
+    """The bare network's forward and backward CPU seconds per row at each batch size (`zmagic bench cost`'s
+    units: backward = (forward+backward) - forward)."""
     out = {}
     for batch in batches:
-        x = torch.randn(batch, *model.sample_shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-        model.predict(x, 500)  # warm-up
-        start = time.process_time()
-        for _ in range(repeats):
-            model.predict(x, 500)
-        forward = (time.process_time() - start) / repeats
-        start = time.process_time()
-        for _ in range(repeats):
-            torch.autograd.grad(model.predict(x, 500).eps.sum(), x)
-        both = (time.process_time() - start) / repeats
-        out[batch] = {"forward": forward / batch, "backward": max(both - forward, 0.0) / batch}
+        units = cost.unit_costs(model_name, size, batch, threads=1, repeats=2, model=model, double=False)
+        out[batch] = {"forward": units["forward"] / batch,
+                      "backward": max(units["forward+backward"] - units["forward"], 0.0) / batch}
     return out
 
 
@@ -115,7 +108,7 @@ def main(argv: list[str]) -> int:
     model, description = cost.build_model(args.model, args.size)
     world = ShapesModel(args.size)
     m = args.n * (args.n - 1)
-    rows = network_per_row(model, [1, args.n, m], args.size)
+    rows = network_per_row(args.model, model, [1, args.n, m], args.size)
     cases = [step_stages(model, world, name, args.n, args.steps) for name in ("sum", "cagrad")]
     total = {c["combiner"]: c["seconds_per_step"] for c in cases}
     print(f"{args.model} ({description}), {args.size} px, n = {args.n}, batch 1, one thread, CPU seconds")

@@ -35,3 +35,27 @@ class FakeDist:
         self.metadata = {"Name": name}
         self.version = version
         self.entry_points = eps
+
+
+def assert_path_option_contract(recipe, option: str, resolved, other_contents) -> dict:
+    """A plugin's path option as a user meets it, on ``recipe`` (a file whose condition 0 names the option
+    relatively): ``zmagic check`` passes and names a missing file by field, the path resolves against the
+    recipe's folder, the pipeline builds, and new contents at the same path change the run folder's identity
+    (``other_contents``: a file to copy over ``resolved``).  Returns the checked plan."""
+    import shutil
+
+    from zmagic_core import build_pipeline, check_recipe, load_recipe
+    from zmagic_core.app.identity import folder_identity, identity_differences
+    from zmagic_core.assembly.build import find_problems
+
+    field = f"conditions.0.options.{option}"
+    assert find_problems(recipe) == []
+    missing = find_problems(recipe, [f"conditions.0.{option}=w/nope.bin"])
+    assert len(missing) == 1 and missing[0].startswith(f"{field}: file not found"), missing
+    plan = check_recipe(load_recipe(recipe, check=False))
+    assert plan.parts["conditions.0"][1][option] == str(resolved)
+    build_pipeline(plan)
+    before = folder_identity(plan)
+    shutil.copy(other_contents, resolved)  # same path, other contents
+    assert identity_differences(before, folder_identity(plan)) == [f"{field} (file contents)"]
+    return plan

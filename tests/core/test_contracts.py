@@ -9,9 +9,22 @@ from pydantic import BaseModel, ConfigDict, Field
 import zmagic_core
 from zmagic_core import (BuildContext, Combined, Combiner, Condition, ConfigError, DDPMSolver, Evaluator,
                          FinishedRun, PCSolver, Pipeline, ShapesModel, SumCombiner, hookimpl, load_recipe)
+import zmagic_core.plugins.registry as registry_module
+from zmagic_core.app.cli import main
 from zmagic_core.app.runner import generate
 from zmagic_core.models.shapes import AttributeEnergy, MaskEnergy
 from zmagic_core.plugins.registry import Registry
+
+
+def with_plugin(monkeypatch, tmp_path, plugin, recipe_text: str):
+    """The CLI's registry holds only the shapes world and ``plugin`` for this test; returns a recipe file with
+    ``recipe_text``."""
+    reg = Registry(load_entry_points=False)
+    reg.register_plugin(plugin, "test-plugin")
+    monkeypatch.setattr(registry_module, "_default", reg)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text)
+    return recipe
 
 RECIPE = {"model": {"kind": "shapes", "size": 16}, "solver": {"kind": "ddpm", "steps": 8},
           "conditions": [{"kind": "shapes-attribute", "name": "red", "attribute": "color", "value": "red",
@@ -203,16 +216,9 @@ class NaNPlugin:
 
 def test_a_condition_disabled_for_most_of_the_run_is_reported(tmp_path, monkeypatch, capsys):
     """Nothing is dropped silently: the record counts it, the terminal warns, the exit code is non-zero."""
-    import zmagic_core.plugins.registry as registry_module
-    from zmagic_core.app.cli import main
-
-    reg = Registry(load_entry_points=False)
-    reg.register_plugin(NaNPlugin(), "nan")
-    monkeypatch.setattr(registry_module, "_default", reg)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: {kind: shapes, size: 16}\nsolver: {kind: ddpm, steps: 6}\n"
-                      "conditions: [{kind: shapes-attribute, name: red, attribute: color, value: red, scale: 0.25},"
-                      " {kind: nan-energy, name: broken}]\nnum_samples: 2\nprogress: false\n")
+    recipe = with_plugin(monkeypatch, tmp_path, NaNPlugin(), "model: {kind: shapes, size: 16}\nsolver: {kind: ddpm, "
+                         "steps: 6}\nconditions: [{kind: shapes-attribute, name: red, attribute: color, value: red, "
+                         "scale: 0.25}, {kind: nan-energy, name: broken}]\nnum_samples: 2\nprogress: false\n")
     assert main(["generate", str(recipe), "--out", str(tmp_path / "a")]) == 3
     err = capsys.readouterr().err
     assert "condition 'broken' was disabled" in err and "--allow-disabled" in err and "Traceback" not in err
@@ -226,7 +232,6 @@ def test_a_condition_disabled_for_most_of_the_run_is_reported(tmp_path, monkeypa
 def test_a_stacked_call_that_runs_out_of_memory_is_split_and_reported(tmp_path, monkeypatch, capsys):
     """CAGrad's stacked network calls are retried in halves on an out-of-memory error: the run completes, the
     terminal says how many points per call it went on with and how to start there, the record keeps it."""
-    from zmagic_core.app.cli import main
     from zmagic_core.models.shapes import ShapesModel
 
     predict = ShapesModel.predict
@@ -287,19 +292,12 @@ class BuildFails:
 
 def test_generate_checks_files_before_loading_and_a_failed_build_leaves_no_folder(tmp_path, monkeypatch, capsys):
     import zmagic_core.app.runner as runner
-    import zmagic_core.plugins.registry as registry_module
-    from zmagic_core.app.cli import main
-
-    reg = Registry(load_entry_points=False)
-    reg.register_plugin(BuildFails(), "fails")
-    monkeypatch.setattr(registry_module, "_default", reg)
 
     def no_build(*args, **kwargs):
         raise AssertionError("the pipeline was built although a file is missing")
 
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: {kind: shapes, size: 16}\nsolver: {kind: ddpm, steps: 2}\n"
-                      "conditions: [{kind: shapes-style, reference: gone.png}]\n")
+    recipe = with_plugin(monkeypatch, tmp_path, BuildFails(), "model: {kind: shapes, size: 16}\nsolver: {kind: ddpm, "
+                         "steps: 2}\nconditions: [{kind: shapes-style, reference: gone.png}]\n")
     with monkeypatch.context() as patch:
         patch.setattr(runner, "build_pipeline", no_build)
         assert main(["generate", str(recipe), "--out", str(tmp_path / "a")]) == 2
@@ -363,16 +361,9 @@ class BadFactories:
 
 def test_a_batch_rerun_sample_by_sample_is_said_and_a_factory_of_the_wrong_thing_is_one_line(tmp_path, monkeypatch,
                                                                                            capsys):
-    import zmagic_core.plugins.registry as registry_module
-    from zmagic_core.app.cli import main
-
-    reg = Registry(load_entry_points=False)
-    reg.register_plugin(BadFactories(), "bad")
-    monkeypatch.setattr(registry_module, "_default", reg)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: {kind: shapes, size: 16}\nsolver: {kind: ddpm, steps: 3}\n"
-                      "combiner: {kind: fails-in-a-batch}\nconditions: [{kind: shapes-attribute, attribute: color, "
-                      "value: red}]\nnum_samples: 2\nbatch_size: 2\nprogress: false\n")
+    recipe = with_plugin(monkeypatch, tmp_path, BadFactories(), "model: {kind: shapes, size: 16}\nsolver: {kind: ddpm, "
+                         "steps: 3}\ncombiner: {kind: fails-in-a-batch}\nconditions: [{kind: shapes-attribute, "
+                         "attribute: color, value: red}]\nnum_samples: 2\nbatch_size: 2\nprogress: false\n")
     assert main(["generate", str(recipe), "--out", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
     assert "the batch of seeds" in err and "CUDA out of memory (a stand-in)" in err and "one by one" in err
@@ -400,9 +391,6 @@ def test_a_plugin_that_registers_nothing_is_reported_with_what_it_has():
 def test_joint_satisfaction_says_which_conditions_it_does_not_judge(registry, tmp_path, monkeypatch, capsys):
     """The shapes world's exact check knows p(c | k) for its own energies only: a plugin condition is named as
     not judged, so a 1.000 is not read as "every condition met"."""
-    import zmagic_core.plugins.registry as registry_module
-    from zmagic_core.app.cli import main
-
     monkeypatch.setattr(registry_module, "_default", registry)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {kind: shapes, size: 16}\nsolver: {kind: ddpm, steps: 3}\nconditions: [{kind: "

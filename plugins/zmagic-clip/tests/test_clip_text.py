@@ -263,9 +263,9 @@ def test_pretrained_file_is_checked_resolved_and_identified(tiny, tmp_path, monk
     import shutil
 
     import yaml
-    from zmagic_core import build_pipeline, check_recipe, load_recipe
-    from zmagic_core.app.identity import folder_identity, identity_differences
-    from zmagic_core.assembly.build import find_problems
+    from zmagic_core import check_recipe, load_recipe
+    from zmagic_core.app.identity import folder_identity
+    from zmagic_core.testing import assert_path_option_contract
 
     config, pt, st, _ = tiny
     (tmp_path / "w").mkdir()
@@ -280,15 +280,7 @@ def test_pretrained_file_is_checked_resolved_and_identified(tiny, tmp_path, monk
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # the recipe must not depend on the working directory
-    assert find_problems(recipe) == []
-    missing = find_problems(recipe, ["conditions.0.pretrained=w/nope.bin"])
-    assert len(missing) == 1 and missing[0].startswith("conditions.0.options.pretrained: file not found"), missing
-    plan = check_recipe(load_recipe(recipe, check=False))
-    assert plan.parts["conditions.0"][1]["pretrained"] == str(tmp_path / "w" / "clip.safetensors")
-    build_pipeline(plan)
-    before = folder_identity(plan)
-    shutil.copy(pt, tmp_path / "w" / "clip.safetensors")  # same path, other contents
-    assert identity_differences(before, folder_identity(plan)) == ["conditions.0.options.pretrained (file contents)"]
+    assert_path_option_contract(recipe, "pretrained", tmp_path / "w" / "clip.safetensors", pt)
     tag = check_recipe(load_recipe(recipe, ["conditions.0.pretrained=openai", "conditions.0.model_config=null"]))
     assert tag.parts["conditions.0"][1]["pretrained"] == "openai"
     assert "conditions.0.options.pretrained" not in folder_identity(tag)["files"]

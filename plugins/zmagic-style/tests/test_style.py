@@ -257,9 +257,7 @@ def test_weights_file_is_checked_resolved_and_identified(vgg_weights, pictures, 
     import shutil
 
     import yaml
-    from zmagic_core import build_pipeline, check_recipe, load_recipe
-    from zmagic_core.app.identity import folder_identity, identity_differences
-    from zmagic_core.assembly.build import find_problems
+    from zmagic_core.testing import assert_path_option_contract
 
     (tmp_path / "w").mkdir()
     shutil.copy(vgg_weights[0], tmp_path / "w" / "vgg.safetensors")
@@ -271,15 +269,7 @@ def test_weights_file_is_checked_resolved_and_identified(vgg_weights, pictures, 
                         "image_size": 32, "layers": ["relu1_1"]}],
         "num_samples": 1, "batch_size": 1, "device": "cpu"}))
     monkeypatch.chdir(pictures)  # another folder: the recipe must not depend on the working directory
-    assert find_problems(recipe) == []
-    missing = find_problems(recipe, ["conditions.0.weights=w/nope.pth"])
-    assert len(missing) == 1 and missing[0].startswith("conditions.0.options.weights: file not found"), missing
-    plan = check_recipe(load_recipe(recipe, check=False))
-    assert plan.parts["conditions.0"][1]["weights"] == str(tmp_path / "w" / "vgg.safetensors")
-    build_pipeline(plan)
-    before = folder_identity(plan)
-    shutil.copy(vgg_weights[1], tmp_path / "w" / "vgg.safetensors")  # same path, other contents
-    assert identity_differences(before, folder_identity(plan)) == ["conditions.0.options.weights (file contents)"]
+    assert_path_option_contract(recipe, "weights", tmp_path / "w" / "vgg.safetensors", vgg_weights[1])
 
 
 def test_options_that_fail_only_at_build_are_reported_by_check(tiny_clip, pictures):

@@ -255,16 +255,18 @@ def run_case(model_name: str, combiner: str, n: int, size: int, batch: int, step
             "peak_mb": rss_mb() - rss_before, "rss_mb": rss_mb()}
 
 
-def unit_costs(model_name: str, size: int, batch: int, threads: int, repeats: int = 3) -> dict:
+def unit_costs(model_name: str, size: int, batch: int, threads: int, repeats: int = 3, model=None,
+               double: bool = True) -> dict:
     """CPU seconds of one forward, one forward+backward and one forward+backward+double backward
-    of the bare network at x_t (the cost units the floors are priced in)."""
+    of the bare network at x_t (the cost units the floors are priced in); ``model``: an already built one
+    of ``model_name``; ``double=False`` skips the double backward."""
     import torch
 
     from zmagic_core.models.shapes import ShapesModel
     from zmagic_core.models.pretrained.attention import attention_context
 
     torch.set_num_threads(threads)
-    base, _ = build_model(model_name, size)
+    base = model if model is not None else build_model(model_name, size)[0]
     x = torch.randn(batch, *base.sample_shape)
     t = 500
     ctx = (lambda: attention_context(x.device, "math")) if not isinstance(base, ShapesModel) else None
@@ -277,13 +279,14 @@ def unit_costs(model_name: str, size: int, batch: int, threads: int, repeats: in
         xx = x.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(base.eps(xx, t).pow(2).sum(), xx)
 
-    def double():
+    def twice():
         xx = x.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(base.eps(xx, t).pow(2).sum(), xx, create_graph=True)
         torch.autograd.grad((g * torch.randn_like(g)).sum(), xx)
 
     out = {}
-    for name, fn in (("forward", forward), ("forward+backward", backward), ("forward+backward+double", double)):
+    parts = [("forward", forward), ("forward+backward", backward)] + ([("forward+backward+double", twice)] if double else [])
+    for name, fn in parts:
         fn()  # warm-up
         start = time.process_time()
         for _ in range(repeats):
